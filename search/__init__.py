@@ -1,0 +1,1 @@
+"""The experiment layer: schema, Ray Tune search, MLflow tracking, export, command line."""

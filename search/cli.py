@@ -1,0 +1,121 @@
+"""``adaptune`` command line.
+
+Every user error (bad YAML, unknown key, out-of-range value, missing file or column, a model
+that cannot load) prints one line to stderr and exits with code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from trainables.errors import ConfigError, TrainingDivergedError
+
+EXIT_USAGE = 2
+
+
+def format_matrix(matrix: list[list[float]], names: list[str], base: list[float] | None) -> str:
+    """The loss matrix as a text table: one row per stage, one column per task."""
+    cols = ([*names, "(base)"] if base else names)
+    rows = [["before", *matrix[0]]] + [[f"after {names[i]}", *r] for i, r in enumerate(matrix[1:])]
+    if base:
+        rows = [[*r, base[i]] for i, r in enumerate(rows)]
+    width = max(12, *(len(c) for c in cols))
+    first = max(len(str(r[0])) for r in rows)
+    lines = [" " * first + "  " + "  ".join(f"{c:>{width}}" for c in cols)]
+    for r in rows:
+        lines.append(f"{r[0]:<{first}}  " + "  ".join(f"{v:>{width}.4f}" for v in r[1:]))
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from search.experiment import load_experiment
+    from trainables.run import prepare, run_stream
+
+    exp = load_experiment(args.experiment, args.set)
+    out = Path(args.out or Path("runs") / "train" / exp.name)
+    ckpts = out / "checkpoints"
+    resume = None
+    if args.resume:
+        done = sorted(ckpts.glob("task-*"), key=lambda p: int(p.name.split("-")[1]))
+        if not done:
+            raise ConfigError(f"--resume: no checkpoint under {ckpts}")
+        resume = done[-1]
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out: {out} already holds a run; pass --resume or another --out")
+    prep = prepare(exp.run)  # every input check happens here, before anything is written
+    names = [t.name for t in prep.tasks]
+    print(
+        f"adaptune train {exp.name}: {len(names)} tasks ({', '.join(names)}), "
+        f"{sum(t.train_tokens for t in prep.tasks):,} train tokens, model {exp.run.model.name}"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
+        k = metrics["task_index"]
+        dest = ckpts / f"task-{k}"
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(ckpt_dir, dest)
+        print(
+            f"task {k}/{len(names)} {names[k - 1]:<16} stream_loss {metrics['stream_loss']:.4f}  "
+            f"seen {metrics['seen_loss']:.4f}  forgetting {metrics['forgetting']:.4f}  "
+            f"{metrics['train_tokens_per_s']:,.0f} tok/s  [{time.perf_counter() - start:.0f}s]",
+            flush=True,
+        )
+        scalars = {k: v for k, v in metrics.items() if k != "loss_matrix"}
+        (out / "metrics.jsonl").open("a").write(json.dumps(scalars) + "\n")
+
+    progress = run_stream(prep, report=report, resume_from=resume, stop_after=args.stop_after)
+    (out / "loss_matrix.json").write_text(
+        json.dumps({"tasks": names, "loss_matrix": progress.loss_matrix, "base": progress.base_losses})
+    )
+    print("\nloss matrix (nats/token; row = after training on, column = evaluated on)")
+    print(format_matrix(progress.loss_matrix, names, progress.base_losses or None))
+    print(f"\ncheckpoints: {ckpts}\nmetrics:     {out / 'metrics.jsonl'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adaptune",
+        description="Search continual-learning hyperparameters for language models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run one continual-learning run with fixed values")
+    train.add_argument("experiment", help="experiment YAML file")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a hyperparameter (lr=3e-4) or a dotted path (run.stream.block_size=64)",
+    )
+    train.add_argument("--out", help="output directory (default: runs/train/<name>)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--stop-after", type=int, default=None, metavar="K",
+                       help="stop after K tasks (resume later with --resume)")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"adaptune: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingDivergedError as err:
+        print(f"adaptune: training diverged: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

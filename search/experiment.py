@@ -1,0 +1,159 @@
+"""The experiment file: a run config plus what to search and where to record it.
+
+``load_experiment(path)`` reads YAML with a safe loader (duplicate keys rejected), applies
+``--set`` overrides in one place, and returns a frozen, strictly validated :class:`Experiment`.
+Every problem becomes one :class:`ConfigError` line: ``file: field.path: rule (got value)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from spaces import check_space
+from trainables.config import (
+    HYPERPARAMETERS,
+    RunConfig,
+    format_validation_error,
+    register_schema,
+)
+from trainables.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SearchConfig(_Strict):
+    num_samples: int = Field(12, ge=1)  # trials to run
+    max_concurrent: int = Field(2, ge=1)  # trials at once
+    seed: int = 0  # TPE's seed
+    algorithm: Literal["tpe", "random"] = "tpe"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)  # tasks before ASHA may stop a trial
+    reduction_factor: float = Field(2.0, gt=1)
+    time_budget_s: float | None = Field(None, gt=0)
+    metric: str = "stream_loss"  # the objective, a metric the trainable reports
+    mode: Literal["min", "max"] = "min"
+
+
+class ResourcesConfig(_Strict):
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str = "sqlite:///runs/mlflow.db"
+    experiment_name: str | None = None  # default: the experiment's name
+    registered_model_name: str | None = None  # default: "adaptune-<name>"
+
+
+class Experiment(_Strict):
+    """A runnable experiment. ``run`` holds a value for every hyperparameter; ``space`` says
+    which of them a search varies (``adaptune train`` ignores ``space``)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    run: RunConfig
+    space: dict[str, Any] = Field(default_factory=dict)  # name -> Dist or a fixed value
+    search: SearchConfig = SearchConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage_path: str = "runs/ray"  # Ray results; shared storage (NFS, S3 URI) on a cluster
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_space(value)
+
+
+register_schema(Experiment)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    keys = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in keys:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        keys.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,  # type: ignore[arg-type]
+)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML mapping safely. Raises ConfigError with the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: experiment file not found")
+    try:
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{p}: invalid YAML: {where}{problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the file must hold a YAML mapping (got {type(data).__name__})")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides; ``key`` is a hyperparameter name (``lr``) or a dotted
+    path (``run.stream.max_train_tokens``); ``value`` is parsed as YAML."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        path = ("run", *HYPERPARAMETERS[key]) if key in HYPERPARAMETERS else tuple(key.split("."))
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
+        node[path[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def parse_experiment(data: dict[str, Any], source: str = "<experiment>") -> Experiment:
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source=source)) from None
+    except ValueError as err:  # from check_space, outside pydantic's wrapping
+        raise ConfigError(f"{source}: space: {err}") from None
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read, override and validate an experiment file.
+
+    Raises:
+        ConfigError: one line naming the file, the field, the rule and the valid values.
+
+    Example:
+        >>> exp = load_experiment("experiments/quickstart.yaml", ["lr=3e-4"])
+        >>> exp.run.optim.lr
+        0.0003
+    """
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return parse_experiment(data, source=str(path))
+
+
+def experiment_yaml(exp: Experiment) -> str:
+    """The experiment as YAML, defaults included (the form ``best.yaml`` is written in)."""
+    return yaml.safe_dump(exp.model_dump(mode="json", exclude_none=True), sort_keys=False)

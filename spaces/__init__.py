@@ -1,0 +1,94 @@
+"""Search spaces: YAML distributions over the run's hyperparameters.
+
+A space maps hyperparameter names (``lr``, ``buffer_size``, ``ewc_lambda``, ... see
+:data:`trainables.HYPERPARAMETERS`) to one of::
+
+    lr: {loguniform: [1.0e-4, 3.0e-3]}
+    replay_fraction: {uniform: [0.1, 0.5]}
+    buffer_size: {int: [0, 2048]}            # inclusive bounds
+    ewc_mode: {choice: [separate, online]}
+    temperature: 2.0                         # a fixed value
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainables.config import HYPERPARAMETERS
+
+Kind = Literal["loguniform", "uniform", "int", "choice"]
+
+
+class Dist(BaseModel):
+    """One searched hyperparameter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    int: tuple[int, int] | None = None
+    choice: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Dist:
+        given = [k for k in ("loguniform", "uniform", "int", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one distribution; valid values: loguniform, uniform, int, choice "
+                f"(got {given or 'none'})"
+            )
+        kind = given[0]
+        if kind in ("loguniform", "uniform", "int"):
+            low, high = getattr(self, kind)
+            if not low < high:
+                raise ValueError(f"`low < high` must hold, but got (low={low}, high={high})")
+            if kind == "loguniform" and low <= 0:
+                raise ValueError(f"`low > 0` must hold for loguniform, but got low={low}")
+        return self
+
+    @property
+    def kind(self) -> Kind:
+        for k in ("loguniform", "uniform", "int", "choice"):
+            if getattr(self, k) is not None:
+                return k  # type: ignore[return-value]
+        raise AssertionError("unreachable")
+
+    def values(self) -> tuple[Any, ...] | list[Any]:
+        return getattr(self, self.kind)  # type: ignore[no-any-return]
+
+
+Spec = Dist | float | int | str | bool
+
+
+def check_space(space: dict[str, Any]) -> dict[str, Spec]:
+    """Validate space keys against the run's hyperparameters and parse distributions.
+
+    Raises:
+        ValueError: an unknown hyperparameter name, listing the valid ones.
+    """
+    parsed: dict[str, Spec] = {}
+    for name, spec in space.items():
+        if name not in HYPERPARAMETERS:
+            raise ValueError(
+                f"unknown hyperparameter {name!r}; valid keys: {', '.join(HYPERPARAMETERS)}"
+            )
+        if isinstance(spec, dict):
+            try:
+                parsed[name] = Dist.model_validate(spec)
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                msg = first["msg"].removeprefix("Value error, ")
+                if first["type"] == "extra_forbidden":
+                    msg = "unknown distribution; valid values: loguniform, uniform, int, choice"
+                raise ValueError(f"{name}{'.' + where if where else ''}: {msg}") from None
+        elif isinstance(spec, float | int | str | bool):
+            parsed[name] = spec
+        else:
+            raise ValueError(
+                f"{name}: must be a fixed value or one of loguniform, uniform, int, choice "
+                f"(got {spec!r})"
+            )
+    return parsed

@@ -1,0 +1,117 @@
+"""Elastic weight consolidation (Kirkpatrick et al. 2017) with a diagonal Fisher.
+
+Fisher estimator: the per-sequence empirical Fisher in float32. For each of ``n`` training
+blocks ``x_i`` (the true next tokens as labels), ``g_i = ∇θ ℓ(x_i)`` where ``ℓ`` is the block's
+*mean* next-token NLL, and ``F = (1/n) Σ_i g_i²``. Because ``ℓ`` is a per-token mean, ``F`` is
+about ``1/tokens_per_block`` of the Fisher of the summed sequence log-likelihood, and a Fisher
+taken from batch-mean gradients would be about ``1/batch`` of this one; ``ewc_lambda`` ranges
+depend on that choice.
+
+Penalty: ``λ/2 · Σ_t Σ F_t (θ − θ*_t)²``. Both modes keep a single quadratic per parameter:
+``separate`` sums every task's term exactly (``A(θ−μ)² + K`` with ``A = Σ F_t``), ``online``
+(Schwarz et al. 2018) keeps ``F* = γ F*_old + F_new`` anchored at the latest weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainables.config import EWCConfig
+
+
+def next_token_loss(logits: Tensor, blocks: Tensor) -> Tensor:
+    """Mean next-token cross-entropy (nats/token): logits (B, T, V), blocks (B, T)."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), blocks[:, 1:].reshape(-1))
+
+
+def estimate_fisher(model: nn.Module, blocks: Tensor) -> dict[str, Tensor]:
+    """Per-sequence empirical Fisher diagonal over ``blocks`` (n, T), float32, one entry per
+    trainable parameter. Leaves the model's gradients cleared."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    was_training = model.training
+    model.eval()  # no dropout noise in the estimate
+    for i in range(blocks.shape[0]):
+        x = blocks[i : i + 1]
+        model.zero_grad(set_to_none=True)
+        next_token_loss(model(input_ids=x).logits, x).backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                fisher[n] += p.grad.detach().float() ** 2
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return {n: f / blocks.shape[0] for n, f in fisher.items()}
+
+
+def ewc_penalty(
+    params: dict[str, Tensor], precision: dict[str, Tensor], anchor: dict[str, Tensor], lam: float
+) -> Tensor:
+    """``λ/2 · Σ precision · (θ − anchor)²`` over the named parameters."""
+    total = torch.zeros((), dtype=torch.float32, device=next(iter(params.values())).device)
+    for n, a in precision.items():
+        total = total + (a * (params[n].float() - anchor[n]) ** 2).sum()
+    return 0.5 * lam * total
+
+
+class EWC:
+    """Component: Fisher and anchor after each task, quadratic penalty while training the next."""
+
+    name = "ewc"
+
+    def __init__(self, cfg: EWCConfig) -> None:
+        self.lam = cfg.ewc_lambda
+        self.mode = cfg.ewc_mode
+        self.gamma = cfg.ewc_gamma
+        self.samples = cfg.fisher_samples
+        self.precision: dict[str, Tensor] = {}  # A = Σ F_t (separate) or F* (online)
+        self.anchor: dict[str, Tensor] = {}  # μ = Σ F_t θ_t / Σ F_t, or the latest θ (online)
+        self.constant = 0.0  # Σ of the cross terms, so the penalty value is exact (separate)
+
+    def penalty(self, model: nn.Module, batch: Tensor, logits: Tensor) -> Tensor | None:
+        if not self.precision:
+            return None
+        params = dict(model.named_parameters())
+        return ewc_penalty(params, self.precision, self.anchor, self.lam) + 0.5 * self.lam * (
+            self.constant
+        )
+
+    def after_task(
+        self, model: nn.Module, train_blocks: Tensor, generator: torch.Generator
+    ) -> None:
+        n = min(self.samples, train_blocks.shape[0])
+        idx = torch.randperm(train_blocks.shape[0], generator=generator)[:n]
+        fisher = estimate_fisher(model, train_blocks[idx].to(next(model.parameters()).device))
+        theta = {k: p.detach().float().clone() for k, p in model.named_parameters() if k in fisher}
+        self.consolidate(fisher, theta)
+
+    def consolidate(self, fisher: dict[str, Tensor], theta: dict[str, Tensor]) -> None:
+        """Fold a new task's ``(F, θ*)`` into the running quadratic."""
+        if not self.precision:
+            self.precision, self.anchor = fisher, theta
+            return
+        if self.mode == "online":
+            self.precision = {k: self.gamma * a + fisher[k] for k, a in self.precision.items()}
+            self.anchor = theta
+            return
+        # A(θ−μ)² + F(θ−θ*)² = A'(θ−μ')² + (A·F/A')(μ−θ*)² with A' = A + F.
+        for k, a in self.precision.items():
+            f, mu, th = fisher[k], self.anchor[k], theta[k]
+            a_new = a + f
+            safe = torch.where(a_new > 0, a_new, torch.ones_like(a_new))
+            self.constant += float((a * f / safe * (mu - th) ** 2).sum(dtype=torch.float64))
+            self.anchor[k] = torch.where(a_new > 0, (a * mu + f * th) / safe, th)
+            self.precision[k] = a_new
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {f"precision.{k}": v for k, v in self.precision.items()}
+        state |= {f"anchor.{k}": v for k, v in self.anchor.items()}
+        state["constant"] = torch.tensor(self.constant, dtype=torch.float64)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.precision = {k[10:]: v for k, v in state.items() if k.startswith("precision.")}
+        self.anchor = {k[7:]: v for k, v in state.items() if k.startswith("anchor.")}
+        self.constant = float(state["constant"])

@@ -1,0 +1,90 @@
+"""Experience replay: a reservoir-sampled buffer of past blocks mixed into every batch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from trainables.config import ReplayConfig
+
+
+class ReservoirBuffer:
+    """Algorithm R (Vitter 1985): after ``n`` offers each item is kept with probability ``k/n``.
+
+    Blocks are stored as a ``(capacity, block_size)`` int tensor; randomness comes only from the
+    generator passed in, so a run that saves and restores it replays the same blocks.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"`capacity >= 0` must hold, but got capacity={capacity}")
+        self.capacity = capacity
+        self.blocks: Tensor | None = None  # (n_kept, block_size)
+        self.seen = 0  # items offered so far
+
+    def __len__(self) -> int:
+        return 0 if self.blocks is None else int(self.blocks.shape[0])
+
+    def add(self, blocks: Tensor, generator: torch.Generator) -> None:
+        """Offer every row of ``blocks`` (N, block_size) to the reservoir, in order."""
+        if self.capacity == 0:
+            self.seen += int(blocks.shape[0])
+            return
+        kept = [] if self.blocks is None else list(self.blocks.unbind(0))
+        for row in blocks.to(torch.int32).unbind(0):
+            self.seen += 1
+            if len(kept) < self.capacity:
+                kept.append(row.clone())
+                continue
+            j = int(torch.randint(0, self.seen, (1,), generator=generator))
+            if j < self.capacity:
+                kept[j] = row.clone()
+        self.blocks = torch.stack(kept)
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` blocks drawn uniformly with replacement: (n, block_size) int64."""
+        if self.blocks is None or n == 0:
+            raise ValueError("cannot sample from an empty buffer")
+        idx = torch.randint(0, len(self), (n,), generator=generator)
+        return self.blocks[idx].long()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {"seen": torch.tensor(self.seen)}
+        if self.blocks is not None:
+            state["blocks"] = self.blocks
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.seen = int(state["seen"])
+        self.blocks = state.get("blocks")
+
+
+class Replay:
+    """Component: mixes ``replay_fraction`` of each batch from the buffer, fills it after a task."""
+
+    name = "replay"
+
+    def __init__(self, cfg: ReplayConfig) -> None:
+        self.fraction = cfg.replay_fraction
+        self.buffer = ReservoirBuffer(cfg.buffer_size)
+
+    def replayed_per_batch(self, batch_size: int) -> int:
+        """Blocks of a ``batch_size`` batch that come from the buffer (0 while it is empty)."""
+        if len(self.buffer) == 0:
+            return 0
+        return min(batch_size - 1, round(self.fraction * batch_size))
+
+    def mix(self, current: Tensor, n_replay: int, generator: torch.Generator) -> Tensor:
+        if n_replay == 0:
+            return current
+        old = self.buffer.sample(n_replay, generator).to(current.device)
+        return torch.cat([current, old], dim=0)  # (B, block_size)
+
+    def after_task(self, train_blocks: Tensor, generator: torch.Generator) -> None:
+        self.buffer.add(train_blocks, generator)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.buffer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.buffer.load_state_dict(state)

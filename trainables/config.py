@@ -1,0 +1,229 @@
+"""The schema of one continual-learning run.
+
+A run is fully described by one :class:`RunConfig`. Ray Tune hands the trainable a plain nested
+dict; :func:`parse_run_config` turns it back into a frozen, validated ``RunConfig`` with the same
+rules the experiment file was checked against.
+
+The searchable hyperparameters have one name each, used unchanged in the YAML, in search spaces,
+in MLflow params and in the docs (``lr``, ``buffer_size``, ``ewc_lambda``, ``distill_alpha``...).
+:data:`HYPERPARAMETERS` maps each name to its path inside the run config.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainables.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+BUILTIN_DOMAINS = ("python_docs", "python_source", "unicode_names")
+
+
+class DomainConfig(_Strict):
+    """One domain of text: built in, local files, or a Hugging Face dataset."""
+
+    name: str = Field(min_length=1)  # the task's name in metrics (`loss/<name>`)
+    source: Literal["builtin", "files", "hf"] = "builtin"
+    builtin: Literal["python_docs", "python_source", "unicode_names"] | None = None
+    # files: one path or several; format from the extension (txt, jsonl/json, csv, parquet)
+    files: list[str] | None = None
+    # hf: datasets.load_dataset(path, name, split=split)
+    path: str | None = None
+    config_name: str | None = None
+    split: str = "train"
+    text_field: str = "text"  # column holding the text (txt files always use "text")
+    max_docs: int | None = Field(None, ge=1)  # read at most this many rows
+
+    @model_validator(mode="after")
+    def _check(self) -> DomainConfig:
+        needed = {"builtin": "builtin", "files": "files", "hf": "path"}[self.source]
+        if getattr(self, needed) in (None, []):
+            valid = f"; valid values: {', '.join(BUILTIN_DOMAINS)}" if needed == "builtin" else ""
+            raise ValueError(f"source `{self.source}` needs the field `{needed}`{valid}")
+        return self
+
+
+class PretrainConfig(_Strict):
+    """Train the default model once on a base domain before the stream; cached by config hash."""
+
+    domain: DomainConfig
+    steps: int = Field(200, ge=1)  # optimizer steps on the base domain
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    cache_dir: str = "runs/cache"  # pretrained weights land in <cache_dir>/pretrain-<hash>/
+
+
+class ModelConfig(_Strict):
+    # "tiny-gpt" builds a GPT-2-style model from the fields below with a byte-level tokenizer;
+    # anything else is a transformers model name or a local path (AutoModelForCausalLM).
+    name: str = "tiny-gpt"
+    tokenizer: str | None = None  # defaults to `name` for transformers models
+    n_layer: int = Field(2, ge=1)
+    n_embd: int = Field(128, ge=8)
+    n_head: int = Field(4, ge=1)
+    n_positions: int = Field(256, ge=8)  # context length of the built model
+    dropout: float = Field(0.0, ge=0, lt=1)
+    trust_remote_code: bool = False  # never on unless the experiment says so
+    revision: str | None = None
+    pretrain: PretrainConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.name == "tiny-gpt" and self.n_embd % self.n_head:
+            raise ValueError(
+                f"`n_embd % n_head == 0` must hold, but got (n_embd={self.n_embd}, "
+                f"n_head={self.n_head})"
+            )
+        if self.pretrain is not None and self.name != "tiny-gpt":
+            raise ValueError("`pretrain` applies only to the built model (name: tiny-gpt)")
+        return self
+
+
+class StreamConfig(_Strict):
+    tasks: list[DomainConfig] = Field(min_length=1)
+    block_size: int = Field(128, ge=8)  # tokens per packed block
+    max_train_tokens: int = Field(65536, ge=1)  # cap on training tokens per task
+    max_eval_blocks: int = Field(32, ge=1)  # cap on held-out blocks per task
+    data_seed: int = 0  # fixes the train/eval split, shared by all trials of a search
+
+    @model_validator(mode="after")
+    def _check(self) -> StreamConfig:
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique, but got duplicates {dupes}")
+        return self
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-3, gt=0, le=1)  # AdamW learning rate
+    batch_size: int = Field(16, ge=1)  # blocks per step, replayed ones included
+    epochs: float = Field(1.0, gt=0)  # passes over each task's training blocks
+    schedule: Literal["constant", "cosine"] = "cosine"  # per task; cosine has linear warmup
+    warmup_frac: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, ge=0)  # max grad norm; 0 = off
+
+
+class ReplayConfig(_Strict):
+    buffer_size: int = Field(0, ge=0)  # blocks kept by reservoir sampling; 0 = replay off
+    replay_fraction: float = Field(0.25, ge=0, lt=1)  # share of every batch drawn from the buffer
+
+
+class EWCConfig(_Strict):
+    ewc_lambda: float = Field(0.0, ge=0)  # penalty weight; 0 = EWC off
+    ewc_mode: Literal["separate", "online"] = "separate"
+    ewc_gamma: float = Field(1.0, ge=0, le=1)  # online mode: decay of the old Fisher
+    fisher_samples: int = Field(64, ge=1)  # sequences used to estimate the Fisher
+
+
+class DistillConfig(_Strict):
+    distill_alpha: float = Field(0.0, ge=0)  # KD weight; 0 = distillation off
+    temperature: float = Field(2.0, gt=0)
+
+
+class ComponentsConfig(_Strict):
+    replay: ReplayConfig = ReplayConfig()
+    ewc: EWCConfig = EWCConfig()
+    distill: DistillConfig = DistillConfig()
+
+
+class HardwareConfig(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
+    bf16: bool = False  # bf16 autocast on CUDA
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; default: the trial's CPUs
+
+
+class RunConfig(_Strict):
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    stream: StreamConfig
+    optim: OptimConfig = OptimConfig()
+    components: ComponentsConfig = ComponentsConfig()
+    hardware: HardwareConfig = HardwareConfig()
+    eval_batch_size: Annotated[int, Field(ge=1)] = 32
+
+
+# name -> path inside RunConfig; one name per searchable hyperparameter.
+HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
+    "seed": ("seed",),
+    **{k: ("optim", k) for k in OptimConfig.model_fields},
+    **{k: ("components", "replay", k) for k in ReplayConfig.model_fields},
+    **{k: ("components", "ewc", k) for k in EWCConfig.model_fields},
+    **{k: ("components", "distill", k) for k in DistillConfig.model_fields},
+}
+
+
+def format_validation_error(err: ValidationError, *, prefix: str = "", source: str = "") -> str:
+    """One line for the first error: ``source: field.path: rule (got value)``."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *first["loc"]))
+    kind = first["type"]
+    model = _model_at(err.title, first["loc"]) if kind == "extra_forbidden" else None
+    if kind == "extra_forbidden":
+        valid = ", ".join(model.model_fields) if model is not None else "see docs"
+        msg = f"unknown key; valid keys: {valid}"
+    elif kind == "missing":
+        msg = "required field is missing"
+    else:
+        msg = first["msg"].removeprefix("Value error, ")
+        if kind == "literal_error":
+            msg = msg.replace("Input should be", "must be one of")
+        if "input" in first and not isinstance(first["input"], dict | list):
+            msg += f" (got {first['input']!r})"
+    head = f"{source}: " if source else ""
+    return f"{head}{loc}: {msg}"
+
+
+_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def _model_at(root_title: str, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Walk the pydantic model tree along ``loc`` (minus the last key) to list valid keys."""
+    model: Any = _MODELS.get(root_title)
+    for part in loc[:-1]:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _pydantic_model_in(field.annotation)
+    return model
+
+
+def _pydantic_model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _pydantic_model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def register_schema(model: type[BaseModel]) -> None:
+    """Let :func:`format_validation_error` list valid keys for errors raised by ``model``."""
+    _MODELS[model.__name__] = model
+
+
+register_schema(RunConfig)
+
+
+def parse_run_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict (as Ray Tune hands it to the trainable).
+
+    Raises:
+        ConfigError: naming the field, the rule and the value.
+    """
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, prefix="run")) from None

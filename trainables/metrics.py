@@ -1,0 +1,58 @@
+"""Continual-learning metrics over the loss matrix (nats/token; lower is better).
+
+``L[i][j]`` is the eval loss on task ``j`` (1-based) after training through task ``i``; row 0 is
+the model before any training. Tasks are columns ``1..T``; the matrix is stored 0-based in
+columns, so ``L[i][j - 1]`` is task ``j``. Means over an empty set (``forgetting`` and ``bwt`` at
+task 1, ``fwt`` before task 2) are reported as 0.0 so every rung has a number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+Matrix = Sequence[Sequence[float]]
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def stream_metrics(L: Matrix, k: int) -> dict[str, float]:
+    """Metrics after training through task ``k`` (1-based), from rows ``0..k`` of ``L``.
+
+    Returns ``stream_loss`` (mean over all T tasks, seen and unseen: the default objective),
+    ``seen_loss``, ``new_task_loss``, ``forgetting`` (Chaudhry et al. 2018, loss form), ``bwt``,
+    ``fwt`` and the perplexities ``exp(loss)`` beside the losses.
+    """
+    if not 1 <= k < len(L):
+        raise ValueError(f"`1 <= k < len(L)` must hold, but got (k={k}, len(L)={len(L)})")
+    T = len(L[0])
+
+    def at(i: int, j: int) -> float:  # 1-based task j
+        return float(L[i][j - 1])
+
+    stream = _mean([at(k, j) for j in range(1, T + 1)])
+    seen = _mean([at(k, j) for j in range(1, min(k, T) + 1)])
+    new = at(k, k) if k <= T else float("nan")
+    forgetting = _mean([at(k, j) - min(at(l, j) for l in range(j, k)) for j in range(1, k)])
+    bwt = _mean([at(j, j) - at(k, j) for j in range(1, k)])
+    fwt = _mean([at(0, j) - at(j - 1, j) for j in range(2, min(k, T) + 1)])
+    return {
+        "stream_loss": stream,
+        "seen_loss": seen,
+        "new_task_loss": new,
+        "forgetting": forgetting,
+        "bwt": bwt,
+        "fwt": fwt,
+        "stream_ppl": math.exp(stream),
+        "seen_ppl": math.exp(seen),
+        "new_task_ppl": math.exp(new),
+    }
+
+
+def task_forgetting(L: Matrix, k: int, j: int) -> float:
+    """Forgetting of task ``j`` after task ``k``: ``L[k][j] - min_{l in [j, k)} L[l][j]``; 0 if j >= k."""
+    if j >= k:
+        return 0.0
+    return float(L[k][j - 1]) - min(float(L[l][j - 1]) for l in range(j, k))

@@ -1,0 +1,327 @@
+"""One continual-learning run over a stream of tasks, top to bottom.
+
+``prepare(cfg)`` does everything that can fail on user input (tokenizer, model, data) and
+nothing else; ``run_stream(prepared, report=...)`` trains task after task and calls ``report``
+once per task with the metrics and a checkpoint directory. The Ray Tune trainable and the
+standalone ``adaptune train`` differ only in ``report``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trainables.checkpoint import (
+    Progress,
+    load_optimizer_state,
+    load_progress,
+    load_state,
+    save_checkpoint,
+    split_state,
+)
+from trainables.components import Components, build_components
+from trainables.components.ewc import next_token_loss
+from trainables.config import RunConfig
+from trainables.data import TaskData, build_stream, build_task
+from trainables.errors import ConfigError, TrainingDivergedError
+from trainables.metrics import stream_metrics, task_forgetting
+from trainables.model import (
+    TINY,
+    build_model,
+    check_model_loadable,
+    context_length,
+    load_tokenizer,
+    pretrain_dir,
+)
+
+# (metrics, checkpoint dir) -> None; called once per task.
+Reporter = Callable[[dict[str, Any], Path], None]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    cfg: RunConfig
+    tokenizer: Any
+    tasks: list[TaskData]
+    base: TaskData | None  # the pretrain domain, evaluated as an extra column
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Load the tokenizer, check the model, build the stream. Fails here, before training.
+
+    Raises:
+        ConfigError: naming the field, the rule and the valid values.
+    """
+    tokenizer = load_tokenizer(cfg.model)
+    check_model_loadable(cfg.model)
+    if cfg.model.name == TINY and cfg.stream.block_size > cfg.model.n_positions:
+        raise ConfigError(
+            f"run.stream.block_size: must be <= run.model.n_positions={cfg.model.n_positions} "
+            f"(got {cfg.stream.block_size})"
+        )
+    tasks = build_stream(cfg.stream, tokenizer)
+    base = None
+    if cfg.model.pretrain is not None:
+        base = build_task(cfg.model.pretrain.domain, cfg.stream, tokenizer, "run.model.pretrain.domain")
+    return Prepared(cfg, tokenizer, tasks, base)
+
+
+def pick_device(cfg: RunConfig) -> torch.device:
+    if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.hardware.device: 'cuda' requested but no CUDA device is visible")
+    if cfg.hardware.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.hardware.device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, blocks: Tensor, batch_size: int, device: torch.device) -> float:
+    """Mean next-token loss (nats/token) over ``blocks`` (M, T)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, blocks.shape[0], batch_size):
+        x = blocks[i : i + batch_size].to(device)
+        n = x.shape[0] * (x.shape[1] - 1)
+        total += float(next_token_loss(model(input_ids=x).logits, x)) * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+def _lr_lambda(cfg: RunConfig, steps: int) -> Callable[[int], float]:
+    warmup = int(cfg.optim.warmup_frac * steps)
+
+    def factor(step: int) -> float:
+        if cfg.optim.schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def pretrained_model(prep: Prepared, device: torch.device) -> nn.Module:
+    """The base model after the optional pretrain stage, cached on disk and shared by trials."""
+    import transformers
+    from filelock import FileLock
+
+    cfg = prep.cfg
+    if cfg.model.pretrain is None or prep.base is None:
+        return build_model(cfg.model, prep.tokenizer)
+    out = pretrain_dir(cfg.model, cfg.stream)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "model.safetensors").exists():
+            p = cfg.model.pretrain
+            torch.manual_seed(0)
+            model = build_model(cfg.model, prep.tokenizer).to(device).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.01)
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(p.steps):
+                idx = torch.randint(0, prep.base.train.shape[0], (p.batch_size,), generator=gen)
+                x = prep.base.train[idx].to(device)
+                loss = next_token_loss(model(input_ids=x).logits, x)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".pretrain-"))
+            model.save_pretrained(tmp, safe_serialization=True)
+            tmp.rename(out)
+    return transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+
+
+def _component_state(comps: Components) -> dict[str, Tensor]:
+    state: dict[str, Tensor] = {}
+    for name in ("replay", "ewc"):
+        comp = getattr(comps, name)
+        if comp is not None:
+            state |= {f"{name}.{k}": v for k, v in comp.state_dict().items()}
+    return state
+
+
+def run_stream(
+    prep: Prepared,
+    *,
+    report: Reporter,
+    resume_from: Path | None = None,
+    stop_after: int | None = None,
+    threads: int | None = None,
+) -> Progress:
+    """Train through the stream, evaluating every task after each one.
+
+    Args:
+        prep: from :func:`prepare`.
+        report: called after each task with the metrics and a checkpoint directory.
+        resume_from: a checkpoint directory written by an earlier call.
+        stop_after: stop once this many tasks are done (for tests and partial runs).
+        threads: torch CPU threads (``hardware.threads`` wins when set).
+
+    Returns:
+        The final progress: loss matrix and token counts.
+
+    Raises:
+        TrainingDivergedError: a NaN or infinite loss, with the task and step.
+    """
+    cfg, tasks = prep.cfg, prep.tasks
+    torch.set_num_threads(cfg.hardware.threads or threads or os.cpu_count() or 1)
+    device = pick_device(cfg)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cfg.hardware.bf16 and device.type == "cuda"
+        else nullcontext()
+    )
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # data order, replay draws, Fisher subsets
+    comps = build_components(cfg.components)
+
+    if resume_from is not None:
+        import transformers
+
+        progress = load_progress(resume_from)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            resume_from / "model", dtype=torch.float32
+        )
+    else:
+        progress = Progress(config=cfg.model_dump(mode="json"))
+        model = pretrained_model(prep, device)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    knows_something = cfg.model.name != TINY or cfg.model.pretrain is not None
+
+    def eval_row() -> tuple[list[float], float | None]:
+        row = [evaluate(model, t.eval, cfg.eval_batch_size, device) for t in tasks]
+        base = evaluate(model, prep.base.eval, cfg.eval_batch_size, device) if prep.base else None
+        return row, base
+
+    if resume_from is not None:
+        state = load_state(resume_from)
+        for name in ("replay", "ewc"):
+            comp = getattr(comps, name)
+            if comp is not None:
+                comp.load_state_dict(split_state(state, name))
+        opt.load_state_dict(load_optimizer_state(resume_from))
+        torch.set_rng_state(state["rng.torch"])
+        gen.set_state(state["rng.data"])
+    else:
+        row, base = eval_row()
+        progress.loss_matrix.append(row)
+        if base is not None:
+            progress.base_losses.append(base)
+
+    last = len(tasks) if stop_after is None else min(len(tasks), stop_after)
+    for k in range(progress.tasks_done + 1, last + 1):  # k: 1-based task index
+        task = tasks[k - 1]
+        if comps.distill is not None:
+            comps.distill.before_task(model, knows_something=knows_something or k > 1)
+        n_replay = comps.replay.replayed_per_batch(cfg.optim.batch_size) if comps.replay else 0
+        n_cur = cfg.optim.batch_size - n_replay
+        n_train = task.train.shape[0]
+        steps = max(1, math.ceil(cfg.optim.epochs * n_train / n_cur))
+        order = torch.cat(
+            [torch.randperm(n_train, generator=gen) for _ in range(math.ceil(steps * n_cur / n_train))]
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
+
+        t0 = time.perf_counter()
+        tokens, loss_sum = 0, 0.0
+        for step in range(steps):
+            batch = task.train[order[step * n_cur : (step + 1) * n_cur]]
+            if comps.replay is not None:
+                batch = comps.replay.mix(batch, n_replay, gen)
+            batch = batch.to(device, non_blocking=True)  # (B, T)
+            with autocast:
+                logits = model(input_ids=batch).logits  # (B, T, V)
+                ce = next_token_loss(logits, batch)
+                loss = ce
+                for comp in (comps.ewc, comps.distill):
+                    term = comp.penalty(model, batch, logits) if comp is not None else None
+                    if term is not None:
+                        loss = loss + term
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDivergedError(
+                    f"non-finite loss {value} at task {k} ({task.name!r}), step {step + 1}/{steps}"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            tokens += batch.numel()
+            loss_sum += float(ce.detach())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_s = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        if comps.replay is not None:
+            comps.replay.after_task(task.train, gen)
+        if comps.ewc is not None:
+            comps.ewc.after_task(model, task.train, gen)
+        after_s = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        row, base = eval_row()
+        eval_s = time.perf_counter() - t2
+        progress.loss_matrix.append(row)
+        if base is not None:
+            progress.base_losses.append(base)
+        progress.tasks_done = k
+        progress.trained_tokens += tokens
+
+        metrics = _task_metrics(prep, progress, k)
+        metrics |= {
+            "train_loss": loss_sum / steps,
+            "train_tokens": progress.trained_tokens,
+            "train_tokens_per_s": tokens / train_s,
+            "train_time_s": train_s,
+            "after_task_time_s": after_s,
+            "eval_time_s": eval_s,
+            "steps": steps,
+        }
+        state = _component_state(comps)
+        state["rng.torch"] = torch.get_rng_state()
+        state["rng.data"] = gen.get_state()
+        with tempfile.TemporaryDirectory(prefix="adaptune-ckpt-") as tmp:
+            ckpt = save_checkpoint(
+                Path(tmp),
+                model=model,
+                tokenizer=prep.tokenizer,
+                optimizer=opt,
+                state=state,
+                progress=progress,
+            )
+            report(metrics, ckpt)
+    return progress
+
+
+def _task_metrics(prep: Prepared, progress: Progress, k: int) -> dict[str, Any]:
+    """Everything reported after task ``k``: objective, CL metrics, per-task losses."""
+    L = progress.loss_matrix
+    metrics: dict[str, Any] = {"task_index": k, **stream_metrics(L, k)}
+    for j, task in enumerate(prep.tasks, start=1):
+        metrics[f"loss/{task.name}"] = L[k][j - 1]
+        metrics[f"ppl/{task.name}"] = math.exp(L[k][j - 1])
+        metrics[f"forgetting/{task.name}"] = task_forgetting(L, k, j)
+    if progress.base_losses:
+        metrics["base_loss"] = progress.base_losses[k]
+        metrics["base_ppl"] = math.exp(progress.base_losses[k])
+        metrics["base_forgetting"] = progress.base_losses[k] - progress.base_losses[0]
+    metrics["loss_matrix"] = [list(r) for r in L]
+    return metrics
