@@ -12,6 +12,7 @@ A space maps hyperparameter names (``lr``, ``buffer_size``, ``ewc_lambda``, ... 
 
 from __future__ import annotations
 
+import builtins
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -28,7 +29,8 @@ class Dist(BaseModel):
 
     loguniform: tuple[float, float] | None = None
     uniform: tuple[float, float] | None = None
-    int: tuple[int, int] | None = None
+    # `builtins.int`: inside the class body a bare `int` would resolve to this field (None)
+    int: tuple[builtins.int, builtins.int] | None = None
     choice: list[Any] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")

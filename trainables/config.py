@@ -19,7 +19,7 @@ from trainables.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 BUILTIN_DOMAINS = ("python_docs", "python_source", "unicode_names")

@@ -1,0 +1,301 @@
+"""MLflow tracking from the Tune driver: one parent run per search, one child run per trial.
+
+Ray's ``MLflowLoggerCallback`` makes flat runs and, since Ray 2.10, uploads no artifacts. This
+callback runs on the driver, so workers need no MLflow access:
+
+- parent run: tags ``adaptune.experiment_hash`` (sha256 of the resolved experiment YAML), the git
+  commit, the Optuna study; params = the search settings; artifact ``experiment.yaml``.
+- child run per trial (tag ``mlflow.parentRunId``, ``adaptune.trial_id``), looked up by tag before
+  it is created so a restarted or resumed trial never gets a second one; params = the searched
+  hyperparameters by their flat names; every numeric metric at step = task index; at the end the
+  loss matrix as JSON and as a heatmap, and status FINISHED (all tasks), KILLED (stopped early by
+  the scheduler) or FAILED (tag ``adaptune.error`` = the error's first line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+from trainables.config import HYPERPARAMETERS
+
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "adaptune.trial_id"
+HASH_TAG = "adaptune.experiment_hash"
+ERROR_TAG = "adaptune.error"
+# Ray's bookkeeping values that are numbers but not measurements
+_SKIP = {"loss_matrix", "pid", "timestamp", "done", "should_checkpoint", "trial_id"}
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Make a relative ``sqlite:///path`` absolute (against the cwd) and create its directory."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return uri
+    path = Path(uri[len(prefix) :])
+    if str(path) in ("", ":memory:"):
+        return uri
+    path = path if path.is_absolute() else Path.cwd() / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"{prefix}{path}"
+
+
+def experiment_hash(yaml_text: str) -> str:
+    return hashlib.sha256(yaml_text.encode("utf-8")).hexdigest()
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The current commit (with ``-dirty`` when the tree has changes), or None outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=10,
+        )
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The MLflow experiment id; a local sqlite store keeps artifacts beside the database."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts" / name).as_uri()
+    return str(client.create_experiment(name, artifact_location=location))
+
+
+def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Every finite number in a Tune result (top level), minus Ray's bookkeeping values."""
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if k not in _SKIP
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+    }
+
+
+def searched_params(config: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The trial's values for ``names`` (flat hyperparameter names), read from the nested config."""
+    params = {}
+    for name in names:
+        node: Any = config
+        for part in HYPERPARAMETERS[name]:
+            node = node[part]
+        params[name] = node
+    return params
+
+
+def loss_matrix_figure(matrix: list[list[float]], task_names: list[str]) -> Any:
+    """Heatmap of L[i][j]: rows = stage (before, after task i), columns = evaluated task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = ["before", *(f"after {n}" for n in task_names[: len(matrix) - 1])]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(task_names), 1.2 + 0.6 * len(rows)))
+    im = ax.imshow(matrix, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(task_names)), task_names, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("evaluated on")
+    ax.set_ylabel("after training on")
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=ax, label="loss (nats/token)")
+    fig.tight_layout()
+    return fig
+
+
+def _error_line(trial: Any) -> str:
+    """First line of the trial's error: the exception inside Ray's wrapper when available."""
+    err = None
+    getter = getattr(trial, "get_pickled_error", None)
+    if callable(getter):
+        try:
+            err = getter()
+        except Exception:  # noqa: BLE001 - a missing or unreadable error file is not fatal
+            err = None
+    if err is not None:
+        cause = getattr(err, "cause", None) or err
+        text = f"{type(cause).__name__}: {cause}"
+    else:
+        path = getattr(trial, "error_file", None)
+        text = Path(path).read_text() if path and Path(path).is_file() else "unknown error"
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        text = lines[-1] if lines else "unknown error"
+    first = next((ln for ln in text.splitlines() if ln.strip()), "unknown error")
+    return first[:500]
+
+
+class MlflowTrackingCallback(Callback):
+    """Log a search to MLflow from the driver (see the module docstring).
+
+    Args:
+        exp: the :class:`search.experiment.Experiment` being searched.
+        experiment_yaml: the resolved experiment as YAML (logged and hashed).
+        extra_tags: more tags for the parent run (e.g. the Optuna storage).
+
+    Example:
+        >>> callback = MlflowTrackingCallback(exp, experiment_yaml=experiment_yaml(exp))
+        >>> tune.RunConfig(callbacks=[callback])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, exp: Any, *, experiment_yaml: str, extra_tags: dict[str, str] | None = None
+    ) -> None:
+        self.exp = exp
+        self.experiment_yaml = experiment_yaml
+        self.extra_tags = dict(extra_tags or {})
+        self.tracking_uri = resolve_tracking_uri(exp.tracking.tracking_uri)
+        self.experiment_name: str = exp.tracking.experiment_name or exp.name
+        self.task_names = [t.name for t in exp.run.stream.tasks]
+        self.param_names = list(exp.space)
+        self.parent_run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._children: dict[str, str] = {}
+        self._client: MlflowClient | None = None
+
+    # The Tuner pickles its callbacks; an open sqlite client must not travel with them.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    # -- parent ---------------------------------------------------------------------------------
+    def start_parent(self) -> str:
+        """Create the search's parent run once; returns its id."""
+        if self.parent_run_id is not None:
+            return self.parent_run_id
+        self.experiment_id = get_or_create_experiment(
+            self.client, self.experiment_name, self.tracking_uri
+        )
+        s = self.exp.search
+        tags = {
+            HASH_TAG: experiment_hash(self.experiment_yaml),
+            "adaptune.kind": "search",
+            "adaptune.objective": f"{s.metric} ({s.mode})",
+            **self.extra_tags,
+        }
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"search-{self.exp.name}", tags=tags
+        )
+        self.parent_run_id = run.info.run_id
+        params = {f"search.{k}": v for k, v in s.model_dump(mode="json").items() if v is not None}
+        params |= {f"resources.{k}": v for k, v in self.exp.resources.model_dump().items()}
+        params |= {"tasks": ",".join(self.task_names), "model": self.exp.run.model.name}
+        self.client.log_batch(
+            self.parent_run_id,
+            params=[Param(k, str(v)) for k, v in params.items()],
+            synchronous=True,
+        )
+        self.client.log_text(self.parent_run_id, self.experiment_yaml, "experiment.yaml")
+        return self.parent_run_id
+
+    def end_parent(self, status: str = "FINISHED") -> None:
+        if self.parent_run_id is not None:
+            self.client.set_terminated(self.parent_run_id, status=status)
+
+    # -- children -------------------------------------------------------------------------------
+    def child_run_id(self, trial: Any) -> str:
+        """The trial's child run: cached, else found by tag, else created (exactly once)."""
+        trial_id = str(trial.trial_id)
+        if trial_id in self._children:
+            return self._children[trial_id]
+        parent = self.start_parent()
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent}'",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{self.exp.name}-{trial_id}",
+                tags={PARENT_TAG: parent, TRIAL_TAG: trial_id, "adaptune.kind": "trial"},
+            )
+            run_id = run.info.run_id
+            params = searched_params(trial.config, self.param_names)
+            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        self._children[trial_id] = run_id
+        return run_id
+
+    def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
+        run_id = self.child_run_id(trial)
+        last = getattr(trial, "last_result", None) or {}
+        matrix = last.get("loss_matrix")
+        if matrix:
+            self.client.log_dict(
+                run_id, {"tasks": self.task_names, "loss_matrix": matrix}, "loss_matrix.json"
+            )
+            import matplotlib.pyplot as plt
+
+            fig = loss_matrix_figure(matrix, self.task_names)
+            self.client.log_figure(run_id, fig, "loss_matrix.png")
+            plt.close(fig)
+        tags = [RunTag("adaptune.tasks_done", str(last.get("task_index", 0)))]
+        if error is not None:
+            tags.append(RunTag(ERROR_TAG, error))
+        self.client.log_batch(run_id, tags=tags)
+        self.client.set_terminated(run_id, status=status)
+
+    # -- Tune hooks -----------------------------------------------------------------------------
+    def setup(self, **info: Any) -> None:
+        self.start_parent()
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.child_run_id(trial)
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
+        run_id = self.child_run_id(trial)
+        step = int(result.get("task_index", result.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
+        self.client.log_batch(run_id, metrics=metrics)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        last = getattr(trial, "last_result", None) or {}
+        done = int(last.get("task_index", last.get("training_iteration", 0)))
+        status = "FINISHED" if done >= len(self.task_names) else "KILLED"
+        self._finish(trial, status)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._finish(trial, "FAILED", error=_error_line(trial))
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        # Trials the search never finished (time budget, Ctrl-C) must not stay RUNNING.
+        for run_id in self._children.values():
+            if self.client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING):
+                self.client.set_terminated(run_id, status="KILLED")

@@ -1,0 +1,95 @@
+"""Space specs -> Ray Tune domains, the Tune ``param_space``, and named presets.
+
+``build_param_space(exp)`` is the one nested dict Ray hands every trial: the experiment's run
+config with each searched hyperparameter's leaf replaced by a Tune domain. OptunaSearch converts
+those domains to Optuna distributions (inclusive integer bounds survive the round trip:
+``tune.randint(low, high + 1)`` becomes ``IntDistribution(low, high)``).
+
+Example:
+    >>> to_tune(Dist(loguniform=(1e-4, 1e-2)))  # doctest: +ELLIPSIS
+    <ray.tune.search.sample.Float object at ...>
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spaces import Dist, Spec, check_space
+from trainables.config import HYPERPARAMETERS
+
+# Literature ranges (see docs: DESIGN.md "Hyperparameter ranges"). Each preset searches the
+# learning rate, the first-order knob for forgetting, plus one method's knobs; "all" combines them.
+_LR: dict[str, Any] = {"lr": {"loguniform": [1e-5, 3e-3]}}
+_REPLAY: dict[str, Any] = {
+    "buffer_size": {"int": [0, 5000]},  # blocks; 0 = replay off
+    "replay_fraction": {"uniform": [0.005, 0.5]},  # 0.5 %-50 % of each batch
+}
+_EWC: dict[str, Any] = {
+    # published λ spans 0.7..1e10 depending on the Fisher estimator; ours is the per-sequence
+    # empirical Fisher in float32, where useful values sit inside these eight decades.
+    "ewc_lambda": {"loguniform": [1e-2, 1e6]},
+}
+_DISTILL: dict[str, Any] = {
+    "distill_alpha": {"loguniform": [0.5, 10.0]},  # LwF α
+    "temperature": {"uniform": [1.0, 4.0]},  # ≈ 2 in LwF
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "replay": {**_LR, **_REPLAY},
+    "ewc": {**_LR, **_EWC},
+    "distill": {**_LR, **_DISTILL},
+    "all": {**_LR, **_REPLAY, **_EWC, **_DISTILL},
+}
+
+
+def to_tune(spec: Spec) -> Any:
+    """One parsed space entry as a Ray Tune domain (a fixed value stays as it is).
+
+    Args:
+        spec: a :class:`spaces.Dist` or a fixed value, as returned by :func:`spaces.check_space`.
+
+    Returns:
+        ``tune.loguniform`` / ``tune.uniform`` / ``tune.randint`` (inclusive ``high``) /
+        ``tune.choice``, or the fixed value.
+    """
+    from ray import tune
+
+    if not isinstance(spec, Dist):
+        return spec
+    values = spec.values()
+    if spec.kind == "loguniform":
+        return tune.loguniform(float(values[0]), float(values[1]))
+    if spec.kind == "uniform":
+        return tune.uniform(float(values[0]), float(values[1]))
+    if spec.kind == "int":
+        return tune.randint(int(values[0]), int(values[1]) + 1)  # Tune's high is exclusive
+    return tune.choice(list(values))
+
+
+def space_to_tune(space: dict[str, Any]) -> dict[str, Any]:
+    """A whole space (raw YAML or parsed) as ``{name: Tune domain or value}``."""
+    return {name: to_tune(spec) for name, spec in check_space(space).items()}
+
+
+def build_param_space(exp: Any) -> dict[str, Any]:
+    """The run config as a nested plain dict with each searched leaf replaced by its domain.
+
+    Args:
+        exp: a :class:`search.experiment.Experiment` (anything with ``run`` and ``space``).
+
+    Returns:
+        ``exp.run.model_dump(mode="json")`` with ``HYPERPARAMETERS[name]`` set for every space key.
+    """
+    params: dict[str, Any] = exp.run.model_dump(mode="json")
+    for name, domain in space_to_tune(dict(exp.space)).items():
+        *parents, leaf = HYPERPARAMETERS[name]
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = domain
+    return params
+
+
+def searched_names(space: dict[str, Any]) -> list[str]:
+    """Names of the space keys that are distributions (fixed values are not searched)."""
+    return [name for name, spec in check_space(space).items() if isinstance(spec, Dist)]
