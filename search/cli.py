@@ -83,6 +83,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from search.experiment import load_experiment
+    from search.tuner import format_table, run_search
+
+    overrides = [*args.set, *([f"name={args.name}"] if args.name else [])]
+    exp = load_experiment(args.experiment, overrides)
+    start = time.perf_counter()
+    summary = run_search(exp, address=args.address, max_failures=args.max_failures)
+    shown = summary.rows[: args.top]
+    print(f"\nsearch {exp.name}: {len(summary.rows)} trials in {time.perf_counter() - start:.0f}s "
+          f"(best {len(shown)} shown; objective {exp.search.metric}, {exp.search.mode})")
+    print(format_table(shown, exp.search.metric))
+    for note in summary.notes:
+        print(f"note: {note}")
+    print(f"\nMLflow:   {summary.tracking_uri}  (parent run {summary.parent_run_id})")
+    if summary.model_uri is None:
+        print("adaptune: no trial ran every task; nothing registered", file=sys.stderr)
+        return 1
+    print(f"champion: {summary.model_uri} (version {summary.model_version}, "
+          f"trial {summary.best.trial_id if summary.best else '?'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adaptune",
@@ -101,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-after", type=int, default=None, metavar="K",
                        help="stop after K tasks (resume later with --resume)")
     train.set_defaults(func=cmd_train)
+
+    search = sub.add_parser("search", help="search hyperparameters with Ray Tune + Optuna + ASHA")
+    search.add_argument("experiment", help="experiment YAML file")
+    search.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a hyperparameter (lr=3e-4) or a dotted path (search.num_samples=4)",
+    )
+    search.add_argument("--name", help="search name (default: the experiment's name)")
+    search.add_argument("--address", help="connect to a running Ray cluster (default: start one)")
+    search.add_argument("--max-failures", type=int, default=0, metavar="N",
+                        help="retry a crashed trial N times from its last checkpoint")
+    search.add_argument("--top", type=int, default=10, metavar="K",
+                        help="trials shown in the final table")
+    search.set_defaults(func=cmd_search)
     return parser
 
 

@@ -64,9 +64,9 @@ class ContinualOptunaSearch(OptunaSearch):
         flat = super().suggest(trial_id)
         if not isinstance(flat, dict):
             return flat  # None or Searcher.FINISHED
-        return unflatten_dict(
-            {"/".join(HYPERPARAMETERS[k]) if k in HYPERPARAMETERS else k: v for k, v in flat.items()}
-        )
+        self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        paths = {k: "/".join(HYPERPARAMETERS[k]) if k in HYPERPARAMETERS else k for k in flat}
+        return unflatten_dict({paths[k]: v for k, v in flat.items()})
 
     # -- trial states -------------------------------------------------------------------------
     def _step(self, result: dict[str, Any]) -> int | None:

@@ -66,9 +66,16 @@ def to_tune(spec: Spec) -> Any:
     return tune.choice(list(values))
 
 
+def parse_space(space: dict[str, Any]) -> dict[str, Spec]:
+    """Like :func:`spaces.check_space`, but entries already parsed (``Experiment.space``) pass."""
+    raw = {k: v for k, v in space.items() if not isinstance(v, Dist)}
+    parsed = check_space(raw)
+    return {k: v if isinstance(v, Dist) else parsed[k] for k, v in space.items()}
+
+
 def space_to_tune(space: dict[str, Any]) -> dict[str, Any]:
     """A whole space (raw YAML or parsed) as ``{name: Tune domain or value}``."""
-    return {name: to_tune(spec) for name, spec in check_space(space).items()}
+    return {name: to_tune(spec) for name, spec in parse_space(space).items()}
 
 
 def build_param_space(exp: Any) -> dict[str, Any]:
@@ -92,4 +99,4 @@ def build_param_space(exp: Any) -> dict[str, Any]:
 
 def searched_names(space: dict[str, Any]) -> list[str]:
     """Names of the space keys that are distributions (fixed values are not searched)."""
-    return [name for name, spec in check_space(space).items() if isinstance(spec, Dist)]
+    return [name for name, spec in parse_space(space).items() if isinstance(spec, Dist)]

@@ -38,17 +38,17 @@ class FakeTrial:
         return self.error
 
 
-def _experiment(tmp_path: Path) -> Any:
+def _experiment(db: Path, name: str) -> Any:
     return parse_experiment(
         {
-            "name": "track",
+            "name": name,
             "run": {"stream": {"tasks": [{"name": n, "builtin": "python_docs"} for n in TASKS]}},
             "space": {
                 "lr": {"loguniform": [1e-4, 1e-2]},
                 "buffer_size": {"int": [0, 64]},
                 "temperature": 3.0,
             },
-            "tracking": {"tracking_uri": "sqlite:///mlruns/mlflow.db"},
+            "tracking": {"tracking_uri": f"sqlite:///{db}"},
         }
     )
 
@@ -75,10 +75,15 @@ def _result(k: int, loss: float) -> dict[str, Any]:
     }
 
 
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One MLflow database for the module (creating its tables takes seconds)."""
+    return tmp_path_factory.mktemp("mlflow") / "mlruns" / "mlflow.db"
+
+
 @pytest.fixture()
-def tracked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, MlflowTrackingCallback]:
-    monkeypatch.chdir(tmp_path)
-    exp = _experiment(tmp_path)
+def tracked(db: Path, request: pytest.FixtureRequest) -> tuple[Any, MlflowTrackingCallback]:
+    exp = _experiment(db, request.node.name.removeprefix("test_")[:40])
     callback = MlflowTrackingCallback(exp, experiment_yaml=experiment_yaml(exp))
     callback.setup()
     return exp, callback
@@ -98,9 +103,9 @@ def test_relative_sqlite_uri_is_resolved_against_cwd(tmp_path: Path, monkeypatch
     assert resolve_tracking_uri("http://host:5000") == "http://host:5000"
 
 
-def test_parent_run_tags_params_and_yaml(tracked, tmp_path: Path) -> None:
+def test_parent_run_tags_params_and_yaml(tracked, db: Path, tmp_path: Path) -> None:
     exp, callback = tracked
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    client = MlflowClient(f"sqlite:///{db}")
     parent = client.get_run(callback.parent_run_id)
     text = experiment_yaml(exp)
     assert parent.data.tags[HASH_TAG] == experiment_hash(text)
@@ -108,7 +113,7 @@ def test_parent_run_tags_params_and_yaml(tracked, tmp_path: Path) -> None:
     assert parent.data.params["tasks"] == "docs,code,unicode"
     path = client.download_artifacts(callback.parent_run_id, "experiment.yaml", str(tmp_path))
     assert Path(path).read_text() == text
-    assert (tmp_path / "mlruns" / "mlartifacts" / "track").is_dir()  # beside the database
+    assert (db.parent / "mlartifacts" / exp.name).is_dir()  # beside the database
 
 
 def test_child_runs_params_metrics_artifacts_and_statuses(tracked, tmp_path: Path) -> None:

@@ -73,6 +73,7 @@ class EWC:
     def penalty(self, model: nn.Module, batch: Tensor, logits: Tensor) -> Tensor | None:
         if not self.precision:
             return None
+        self._to(next(model.parameters()).device)
         params = dict(model.named_parameters())
         return ewc_penalty(params, self.precision, self.anchor, self.lam) + 0.5 * self.lam * (
             self.constant
@@ -83,18 +84,21 @@ class EWC:
     ) -> None:
         n = min(self.samples, train_blocks.shape[0])
         idx = torch.randperm(train_blocks.shape[0], generator=generator)[:n]
-        fisher = estimate_fisher(model, train_blocks[idx].to(next(model.parameters()).device))
+        device = next(model.parameters()).device
+        self._to(device)
+        fisher = estimate_fisher(model, train_blocks[idx].to(device))
         theta = {k: p.detach().float().clone() for k, p in model.named_parameters() if k in fisher}
         self.consolidate(fisher, theta)
 
     def consolidate(self, fisher: dict[str, Tensor], theta: dict[str, Tensor]) -> None:
         """Fold a new task's ``(F, θ*)`` into the running quadratic."""
         if not self.precision:
-            self.precision, self.anchor = fisher, theta
+            # copies: the separate-mode update below assigns into these dicts
+            self.precision, self.anchor = dict(fisher), dict(theta)
             return
         if self.mode == "online":
             self.precision = {k: self.gamma * a + fisher[k] for k, a in self.precision.items()}
-            self.anchor = theta
+            self.anchor = dict(theta)
             return
         # A(θ−μ)² + F(θ−θ*)² = A'(θ−μ')² + (A·F/A')(μ−θ*)² with A' = A + F.
         for k, a in self.precision.items():
@@ -104,6 +108,13 @@ class EWC:
             self.constant += float((a * f / safe * (mu - th) ** 2).sum(dtype=torch.float64))
             self.anchor[k] = torch.where(a_new > 0, (a * mu + f * th) / safe, th)
             self.precision[k] = a_new
+
+    def _to(self, device: torch.device) -> None:
+        """Move precision and anchor to the model's device (state loaded from a checkpoint is
+        on the CPU; the model may be on CUDA)."""
+        if self.precision and next(iter(self.precision.values())).device != device:
+            self.precision = {k: v.to(device) for k, v in self.precision.items()}
+            self.anchor = {k: v.to(device) for k, v in self.anchor.items()}
 
     def state_dict(self) -> dict[str, Tensor]:
         state = {f"precision.{k}": v for k, v in self.precision.items()}

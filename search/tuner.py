@@ -1,0 +1,510 @@
+"""The search: Ray Tune runs the trainable, Optuna (TPE) proposes, ASHA stops, MLflow records.
+
+``run_search(exp)`` checks everything a user can get wrong first (objective, space, scheduler,
+data, model, output directory), then starts Ray, fits, and publishes the champion: the best trial
+that ran every task -> its final checkpoint's ``model/`` -> an MLflow transformers model on the
+search's parent run, registered with alias ``champion``.
+
+Example:
+    >>> from search.experiment import load_experiment
+    >>> summary = run_search(load_experiment("experiments/quickstart.yaml"))  # doctest: +SKIP
+    >>> summary.model_uri  # doctest: +SKIP
+    'models:/adaptune-quickstart@champion'
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from search.experiment import Experiment, experiment_yaml
+from search.searcher import ContinualOptunaSearch, build_searcher
+from search.tracking import MlflowTrackingCallback, searched_params
+from spaces import Dist
+from spaces.tune import build_param_space, parse_space
+from trainables.config import HYPERPARAMETERS, RunConfig, format_validation_error
+from trainables.errors import ConfigError
+
+CHAMPION_ALIAS = "champion"
+# stream-level metrics the trainable reports after every task, with the direction that is better
+_STREAM_METRICS = {
+    "stream_loss": "min",
+    "seen_loss": "min",
+    "new_task_loss": "min",
+    "stream_ppl": "min",
+    "seen_ppl": "min",
+    "new_task_ppl": "min",
+    "bwt": "max",  # negative = forgetting
+    "fwt": "max",
+}
+
+
+def objective_metrics(exp: Experiment) -> dict[str, str]:
+    """Metrics a search may optimise, with their better direction.
+
+    ``forgetting`` is reported but never an objective: it is 0 after task 1, so every trial
+    would tie at ASHA's first rung and the search would favour models that learn nothing.
+    """
+    allowed = dict(_STREAM_METRICS)
+    for task in exp.run.stream.tasks:
+        allowed[f"loss/{task.name}"] = "min"
+        allowed[f"ppl/{task.name}"] = "min"
+    if exp.run.model.pretrain is not None:
+        allowed |= {"base_loss": "min", "base_ppl": "min"}
+    return allowed
+
+
+def local_results_dir(exp: Experiment) -> Path | None:
+    """``<storage_path>/<name>`` as an absolute local path, or None for a URI (s3://, gs://)."""
+    if "://" in exp.storage_path:
+        return None
+    return Path(exp.storage_path).expanduser().resolve() / exp.name
+
+
+def optuna_storage_file(exp: Experiment) -> Path:
+    """The Optuna study's sqlite file: beside the Ray results when they are local."""
+    local = local_results_dir(exp)
+    return local / "optuna.db" if local else Path("runs/optuna").resolve() / f"{exp.name}.db"
+
+
+def check_search(exp: Experiment) -> None:
+    """Refuse a search that cannot work, before anything starts or is written.
+
+    Raises:
+        ConfigError: one line naming the field, the rule and the valid values.
+    """
+    s, T = exp.search, len(exp.run.stream.tasks)
+    allowed = objective_metrics(exp)
+    if s.metric not in allowed:
+        forgetting = s.metric.startswith("forgetting")
+        hint = " (it is 0 after task 1; use stream_loss)" if forgetting else ""
+        raise ConfigError(
+            f"search.metric: {s.metric!r} is not an objective the trainable reports{hint}; "
+            f"valid values: {', '.join(allowed)}"
+        )
+    if allowed[s.metric] != s.mode:
+        raise ConfigError(
+            f"search.mode: {s.metric} is better when "
+            f"{'lower' if allowed[s.metric] == 'min' else 'higher'}, "
+            f"so mode must be {allowed[s.metric]!r} (got {s.mode!r})"
+        )
+    if s.scheduler == "asha" and s.grace_period > T:
+        raise ConfigError(
+            f"search.grace_period: must be <= the number of tasks ({T}), ASHA's max_t "
+            f"(got {s.grace_period})"
+        )
+    space = parse_space(dict(exp.space))
+    if not any(isinstance(v, Dist) for v in space.values()):
+        raise ConfigError(
+            "space: nothing to search; give at least one distribution "
+            "(loguniform, uniform, int, choice) or use `adaptune train`"
+        )
+    _check_space_bounds(exp, space)
+    local = local_results_dir(exp)
+    if local is not None and local.exists() and any(local.iterdir()):
+        raise ConfigError(
+            f"name: {local} already holds a search named {exp.name!r}; pass --name NEW_NAME "
+            "or remove that directory"
+        )
+
+
+def _check_space_bounds(exp: Experiment, space: dict[str, Any]) -> None:
+    """Every extreme value of every distribution must pass the run schema (lr <= 1, ...)."""
+    base = exp.run.model_dump(mode="json")
+    for name, spec in space.items():
+        values = list(spec.values()) if isinstance(spec, Dist) else [spec]
+        for value in values:
+            data = _with_value(base, name, value)
+            try:
+                RunConfig.model_validate(data)
+            except ValidationError as err:
+                rule = format_validation_error(err, prefix="run")
+                msg = f"space.{name}: the value {value!r} is out of range: {rule}"
+                raise ConfigError(msg) from None
+
+
+def _with_value(base: dict[str, Any], name: str, value: Any) -> dict[str, Any]:
+    import copy
+
+    data = copy.deepcopy(base)
+    *parents, leaf = HYPERPARAMETERS[name]
+    node = data
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return data
+
+
+def build_scheduler(exp: Experiment) -> Any:
+    """ASHA at task boundaries (time_attr = training_iteration = task index, max_t = #tasks)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = exp.search
+    if s.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=len(exp.run.stream.tasks),
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+    )
+
+
+def build_tuner(
+    exp: Experiment,
+    prep_tasks: list[Any] | None = None,
+    *,
+    callback: MlflowTrackingCallback | None = None,
+    searcher: ContinualOptunaSearch | None = None,
+    max_failures: int = 0,
+) -> Any:
+    """The ``ray.tune.Tuner`` for ``exp`` (call :func:`check_search` first).
+
+    Args:
+        exp: the validated experiment.
+        prep_tasks: the prepared tasks (only their number is used; default: the config's).
+        callback: the MLflow callback (default: a new one for ``exp``).
+        searcher: the Optuna searcher (default: seeded sampler, sqlite study).
+        max_failures: retries of a crashed trial from its last checkpoint.
+    """
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from trainables.trainable import continual_trainable
+
+    s = exp.search
+    T = len(prep_tasks) if prep_tasks is not None else len(exp.run.stream.tasks)
+    if s.scheduler == "asha" and T != len(exp.run.stream.tasks):
+        raise ConfigError(f"ASHA max_t ({T}) must equal the stream length")
+    searcher = searcher or build_searcher(
+        study_name=exp.name,
+        storage_file=optuna_storage_file(exp),
+        metric=s.metric,
+        mode=s.mode,
+        max_t=T,
+        algorithm=s.algorithm,
+        seed=s.seed,
+    )
+    callback = callback or MlflowTrackingCallback(exp, experiment_yaml=experiment_yaml(exp))
+    local = local_results_dir(exp)
+    storage_path = str(local.parent) if local is not None else exp.storage_path
+    resources = {"cpu": exp.resources.cpus_per_trial, "gpu": exp.resources.gpus_per_trial}
+    return tune.Tuner(
+        tune.with_resources(continual_trainable, resources),
+        param_space=build_param_space(exp),
+        tune_config=tune.TuneConfig(
+            metric=s.metric,
+            mode=s.mode,
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
+            scheduler=build_scheduler(exp),
+            num_samples=s.num_samples,
+            time_budget_s=s.time_budget_s,
+            trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=exp.name,
+            storage_path=storage_path,
+            callbacks=[callback],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            verbose=1,
+        ),
+    )
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    value: float | None  # objective at the trial's last result
+    tasks_done: int
+    status: str  # "complete", "stopped" (by ASHA), "error"
+    params: dict[str, Any]
+
+
+@dataclass
+class SearchSummary:
+    rows: list[TrialRow]  # best first
+    parent_run_id: str
+    tracking_uri: str
+    best: TrialRow | None = None
+    model_uri: str | None = None  # models:/NAME@champion
+    model_version: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def trial_rows(exp: Experiment, results: Any) -> list[TrialRow]:
+    """One row per trial, complete trials first, each group best first."""
+    T, s = len(exp.run.stream.tasks), exp.search
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        done = int(m.get("task_index", 0))
+        value = m.get(s.metric)
+        value = float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+        status = "error" if r.error else "complete" if done >= T else "stopped"
+        rows.append(
+            TrialRow(
+                trial_id=str(m.get("trial_id") or Path(r.path).name.removeprefix("trial-")),
+                value=value,
+                tasks_done=done,
+                status=status,
+                params=searched_params(r.config, list(exp.space)),
+            )
+        )
+    sign = 1 if s.mode == "min" else -1
+
+    def key(row: TrialRow) -> tuple[int, float]:
+        group = {"complete": 0, "stopped": 1, "error": 2}[row.status]
+        return (group, sign * row.value if row.value is not None else math.inf)
+
+    return sorted(rows, key=key)
+
+
+def format_table(rows: list[TrialRow], metric: str, *, markdown: bool = False) -> str:
+    """Trials as a text (or markdown) table."""
+    names = list(rows[0].params) if rows else []
+    head = ["rank", "trial", metric, "tasks", "status", *names]
+    body = [
+        [
+            str(i),
+            r.trial_id,
+            f"{r.value:.4f}" if r.value is not None else "-",
+            str(r.tasks_done),
+            r.status,
+            *(_fmt(r.params[n]) for n in names),
+        ]
+        for i, r in enumerate(rows, start=1)
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max([len(c), *(len(b[i]) for b in body)]) for i, c in enumerate(head)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), *(fmt.format(*b) for b in body)])
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _objective_plot(rows: list[TrialRow], metric: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ordered = sorted(rows, key=lambda r: r.trial_id)
+    for status, marker in (("complete", "o"), ("stopped", "x"), ("error", "s")):
+        pts = [(i, r.value) for i, r in enumerate(ordered) if r.status == status and r.value]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), marker=marker, label=status)
+    ax.set_xlabel("trial (launch order)")
+    ax.set_ylabel(f"{metric} at last task reached")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _log_summary(
+    callback: MlflowTrackingCallback,
+    exp: Experiment,
+    rows: list[TrialRow],
+    study: Any,
+    notes: list[str],
+) -> None:
+    """Top-k table, objective plot and Optuna importances on the parent run."""
+    import matplotlib.pyplot as plt
+    import optuna
+
+    client, parent = callback.client, callback.start_parent()
+    metric = exp.search.metric
+    client.log_text(parent, format_table(rows, metric, markdown=True), "trials.md")
+    buf = io.StringIO()
+    names = list(rows[0].params) if rows else []
+    buf.write(",".join(["trial_id", metric, "tasks_done", "status", *names]) + "\n")
+    for r in rows:
+        cells = [r.trial_id, "" if r.value is None else repr(r.value), str(r.tasks_done), r.status]
+        buf.write(",".join(cells + [str(r.params[n]) for n in names]) + "\n")
+    client.log_text(parent, buf.getvalue(), "trials.csv")
+    fig = _objective_plot(rows, metric)
+    client.log_figure(parent, fig, "objective_per_trial.png")
+    plt.close(fig)
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 2:
+        notes.append(f"parameter importances skipped: {len(complete)} complete trial(s), need 2")
+        return
+    try:
+        importances = optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError) as err:
+        notes.append(f"parameter importances skipped: {err}")
+        return
+    client.log_dict(parent, importances, "param_importances.json")
+    from mlflow.entities import Metric
+
+    client.log_batch(
+        parent, metrics=[Metric(f"importance/{k}", float(v), 0, 0) for k, v in importances.items()]
+    )
+
+
+def publish_champion(
+    callback: MlflowTrackingCallback, exp: Experiment, checkpoint_dir: Path, trial_id: str
+) -> tuple[str, str]:
+    """Log the checkpoint's ``model/`` on the parent run and register it as ``@champion``.
+
+    ``mlflow.transformers.log_model`` is given the loaded model and tokenizer: MLflow 3.17's
+    local-checkpoint path form fails with transformers 5 (``task_metadata[1]["impl"]`` is a str).
+
+    Returns:
+        (``models:/NAME@champion``, the registered version)
+    """
+    import mlflow
+    import torch
+    import transformers
+
+    model_dir = checkpoint_dir / "model"
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    name = exp.tracking.registered_model_name or f"adaptune-{exp.name}"
+    mlflow.set_tracking_uri(callback.tracking_uri)
+    client, parent = callback.client, callback.start_parent()
+    with mlflow.start_run(run_id=parent):
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name="champion",
+            task="text-generation",
+            pip_requirements=[f"transformers=={transformers.__version__}", "torch", "safetensors"],
+            metadata={"adaptune.trial_id": trial_id},
+        )
+    version = mlflow.register_model(info.model_uri, name, tags={"adaptune.trial_id": trial_id})
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+    client.set_tag(parent, "adaptune.champion_trial_id", trial_id)
+    return f"models:/{name}@{CHAMPION_ALIAS}", str(version.version)
+
+
+def _use_token_auth_if_available(address: str) -> None:
+    """Send this machine's Ray auth token when connecting to an explicit address.
+
+    Ray >= 2.59 turns token authentication on for clusters started here (``ray start --head``
+    once ``~/.ray/auth_token`` exists), but ``ray.init(address="host:port")`` sends the token only
+    in token mode, which it enables by itself for ``address=None/"auto"`` alone; otherwise the
+    driver retries, then fails with ``InvalidAuthToken``. Setting ``RAY_AUTH_MODE=token`` after
+    ``import ray`` is not enough (RayConfig is cached), so use Ray's own helper, which refreshes
+    it. An explicit ``RAY_AUTH_MODE`` always wins.
+    """
+    if "RAY_AUTH_MODE" in os.environ or address.startswith("ray://"):
+        return
+    try:  # private in Ray 2.59-2.60; the same call ray.init() makes for address="auto"
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # older Ray: no token auth
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def run_search(
+    exp: Experiment,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    log_to_driver: bool = True,
+    max_failures: int = 0,
+    echo: Callable[[str], None] = print,
+) -> SearchSummary:
+    """Check, launch, fit and publish one search.
+
+    Args:
+        exp: the experiment (from :func:`search.experiment.load_experiment`).
+        address: an existing Ray cluster (``ray://`` or ``host:port``); default: a local one.
+        num_cpus: CPUs of the local cluster (default: all).
+        log_to_driver: stream trial output to this process.
+        max_failures: retries of a crashed trial from its last checkpoint.
+        echo: where progress lines go.
+
+    Raises:
+        ConfigError: a bad experiment, before Ray starts or anything is written.
+    """
+    from trainables.run import prepare
+
+    check_search(exp)
+    prep = prepare(exp.run)  # data and model checks, before anything is written
+    names = [t.name for t in prep.tasks]
+
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        kwargs: dict[str, Any] = {"log_to_driver": log_to_driver}
+        if address:
+            _use_token_auth_if_available(address)
+            kwargs["address"] = address
+        else:
+            kwargs |= {"num_cpus": num_cpus, "include_dashboard": False}
+        ray.init(**kwargs)
+        started = True
+
+    callback = MlflowTrackingCallback(
+        exp,
+        experiment_yaml=experiment_yaml(exp),
+        extra_tags={
+            "adaptune.optuna_storage": f"sqlite:///{optuna_storage_file(exp)}",
+            "adaptune.optuna_study": exp.name,
+        },
+    )
+    searcher = build_searcher(
+        study_name=exp.name,
+        storage_file=optuna_storage_file(exp),
+        metric=exp.search.metric,
+        mode=exp.search.mode,
+        max_t=len(names),
+        algorithm=exp.search.algorithm,
+        seed=exp.search.seed,
+    )
+    echo(
+        f"adaptune search {exp.name}: {exp.search.num_samples} trials over "
+        f"{', '.join(callback.param_names)}; {len(names)} tasks ({', '.join(names)}); "
+        f"objective {exp.search.metric} ({exp.search.mode}); scheduler {exp.search.scheduler}"
+    )
+    tuner = build_tuner(
+        exp, prep.tasks, callback=callback, searcher=searcher, max_failures=max_failures
+    )
+    callback.start_parent()
+    try:
+        results = tuner.fit()
+    except BaseException:
+        callback.end_parent("FAILED")
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+    rows = trial_rows(exp, results)
+    summary = SearchSummary(rows=rows, parent_run_id=callback.start_parent(),
+                            tracking_uri=callback.tracking_uri)
+    _log_summary(callback, exp, rows, searcher.study, summary.notes)
+    best = next((r for r in rows if r.status == "complete" and r.value is not None), None)
+    summary.best = best
+    if best is None:
+        summary.notes.append("no trial ran every task: nothing registered")
+        callback.end_parent("FAILED")
+        return summary
+    result = next(r for r in results if (r.metrics or {}).get("trial_id") == best.trial_id)
+    if result.checkpoint is None:
+        raise RuntimeError(f"trial {best.trial_id} finished without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt:
+        summary.model_uri, summary.model_version = publish_champion(
+            callback, exp, Path(ckpt), best.trial_id
+        )
+    callback.client.log_metric(summary.parent_run_id, f"best/{exp.search.metric}", best.value)
+    callback.end_parent("FINISHED")
+    return summary

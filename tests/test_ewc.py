@@ -1,0 +1,267 @@
+"""EWC: per-sequence empirical Fisher, the quadratic penalty and its consolidation, by hand."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from trainables.components.ewc import EWC, estimate_fisher, ewc_penalty, next_token_loss
+from trainables.config import EWCConfig
+
+LN3 = math.log(3.0)
+
+
+class TwoParam(nn.Module):
+    """A 2-token-vocabulary "LM" with two scalar parameters ``a`` and ``b``.
+
+    At every position t the logits are ``[a * c_t, b]`` with ``c_t = 1 + x_t`` (x_t in {0, 1}),
+    so the softmax and its gradient are easy to write out by hand.
+    """
+
+    def __init__(self, a: float, b: float) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+        self.b = nn.Parameter(torch.tensor(b))
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        c = 1.0 + input_ids.float()  # (B, T)
+        logits = torch.stack([self.a * c, self.b.expand_as(c)], dim=-1)  # (B, T, 2)
+        return SimpleNamespace(logits=logits)
+
+
+# Two blocks of 3 tokens; the loss of a block is the mean over its 2 next-token predictions.
+BLOCKS = torch.tensor([[0, 0, 1], [1, 1, 1]])
+# With a = ln 3, b = 0 and dCE/dz = p - onehot(y), dz0/da = c, dz1/db = 1:
+# block 1, pos 0: c=1, p=[3/4, 1/4], y=0 -> dz=(-1/4, 1/4) -> (ga, gb) = (-1/4, 1/4)
+#          pos 1: c=1, p=[3/4, 1/4], y=1 -> dz=(3/4, -3/4) -> (ga, gb) = (3/4, -3/4)
+#          mean over positions: g1 = (1/4, -1/4)
+# block 2, pos 0: c=2, p=[9/10, 1/10], y=1 -> dz=(9/10, -9/10) -> (ga, gb) = (9/5, -9/10)
+#          pos 1: identical -> g2 = (9/5, -9/10)
+# F = (g1^2 + g2^2) / 2:
+#   F_a = (1/16 + 81/25) / 2 = (0.0625 + 3.24) / 2 = 1.65125
+#   F_b = (1/16 + 81/100) / 2 = (0.0625 + 0.81) / 2 = 0.43625
+FISHER_A = 1.65125
+FISHER_B = 0.43625
+
+
+def test_next_token_loss_by_hand() -> None:
+    model = TwoParam(LN3, 0.0)
+    # block 1: -(log 3/4 + log 1/4) / 2
+    loss = next_token_loss(model(BLOCKS[:1]).logits, BLOCKS[:1])
+    assert float(loss.detach()) == pytest.approx(-(math.log(0.75) + math.log(0.25)) / 2, rel=1e-6)
+
+
+def test_per_sequence_gradients_by_hand() -> None:
+    # The hand-derived g1, g2 above, checked through autograd before trusting the Fisher.
+    model = TwoParam(LN3, 0.0)
+    for row, (ga, gb) in zip(BLOCKS, [(0.25, -0.25), (1.8, -0.9)], strict=True):
+        model.zero_grad()
+        next_token_loss(model(row[None]).logits, row[None]).backward()
+        assert float(model.a.grad) == pytest.approx(ga, rel=1e-5)
+        assert float(model.b.grad) == pytest.approx(gb, rel=1e-5)
+
+
+def test_estimate_fisher_is_mean_of_squared_per_sequence_gradients() -> None:
+    model = TwoParam(LN3, 0.0)
+    model.train()
+    fisher = estimate_fisher(model, BLOCKS)
+    assert set(fisher) == {"a", "b"}
+    assert fisher["a"].dtype == torch.float32
+    assert float(fisher["a"]) == pytest.approx(FISHER_A, rel=1e-5)
+    assert float(fisher["b"]) == pytest.approx(FISHER_B, rel=1e-5)
+    # A batch-gradient Fisher would be ((1/4 + 9/5) / 2)^2 = 1.050625 for `a`: not this one.
+    assert abs(float(fisher["a"]) - 1.050625) > 0.5
+    # gradients cleared, training mode restored
+    assert model.a.grad is None and model.b.grad is None
+    assert model.training
+
+
+def test_estimate_fisher_skips_frozen_parameters() -> None:
+    model = TwoParam(LN3, 0.0)
+    model.b.requires_grad_(False)
+    fisher = estimate_fisher(model, BLOCKS)
+    assert set(fisher) == {"a"}
+    assert float(fisher["a"]) == pytest.approx(FISHER_A, rel=1e-5)
+
+
+def test_ewc_penalty_by_hand() -> None:
+    params = {"w": torch.tensor([1.0, 3.0]), "b": torch.tensor(2.0)}
+    precision = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor(0.5)}
+    anchor = {"w": torch.tensor([0.0, 1.0]), "b": torch.tensor(-1.0)}
+    # sum F (theta - theta*)^2 = 1*(1-0)^2 + 2*(3-1)^2 + 0.5*(2+1)^2 = 1 + 8 + 4.5 = 13.5
+    # lambda/2 * 13.5 with lambda = 4 -> 27.0
+    assert float(ewc_penalty(params, precision, anchor, lam=4.0)) == pytest.approx(27.0)
+    assert float(ewc_penalty(params, precision, anchor, lam=0.0)) == 0.0
+
+
+def _ewc(mode: str = "separate", lam: float = 2.0, gamma: float = 1.0) -> EWC:
+    return EWC(EWCConfig(ewc_lambda=lam, ewc_mode=mode, ewc_gamma=gamma))
+
+
+def _t(x: float) -> torch.Tensor:
+    return torch.tensor(x)
+
+
+# Two tasks' (F, theta*) on the two scalar parameters a and b.
+F1 = {"a": 2.0, "b": 0.0}
+THETA1 = {"a": 1.0, "b": 5.0}
+F2 = {"a": 1.0, "b": 3.0}
+THETA2 = {"a": -2.0, "b": 1.0}
+
+
+def _consolidated(ewc: EWC) -> EWC:
+    ewc.consolidate({k: _t(v) for k, v in F1.items()}, {k: _t(v) for k, v in THETA1.items()})
+    ewc.consolidate({k: _t(v) for k, v in F2.items()}, {k: _t(v) for k, v in THETA2.items()})
+    return ewc
+
+
+def _penalty_at(ewc: EWC, a: float, b: float) -> float:
+    value = ewc.penalty(TwoParam(a, b), BLOCKS, torch.empty(0))
+    assert value is not None
+    return float(value.detach())
+
+
+def test_penalty_is_none_before_any_task() -> None:
+    assert _ewc().penalty(TwoParam(0.0, 0.0), BLOCKS, torch.empty(0)) is None
+
+
+def test_separate_mode_after_one_task_by_hand() -> None:
+    ewc = _ewc(lam=2.0)
+    ewc.consolidate({k: _t(v) for k, v in F1.items()}, {k: _t(v) for k, v in THETA1.items()})
+    # lambda/2 * [2*(0-1)^2 + 0*(0-5)^2] = 1 * 2 = 2
+    assert _penalty_at(ewc, 0.0, 0.0) == pytest.approx(2.0)
+    assert _penalty_at(ewc, 1.0, 123.0) == pytest.approx(0.0)  # b has zero Fisher
+
+
+def test_separate_mode_two_tasks_by_hand() -> None:
+    ewc = _consolidated(_ewc(lam=2.0))
+    # At theta = (0, 0):
+    #   task 1: 2*(0-1)^2 + 0*(0-5)^2 = 2
+    #   task 2: 1*(0+2)^2 + 3*(0-1)^2 = 4 + 3 = 7
+    #   lambda/2 * (2 + 7) = 9
+    assert _penalty_at(ewc, 0.0, 0.0) == pytest.approx(9.0, abs=1e-6)
+    # The merged quadratic: A = F1 + F2 = (3, 3); mu = (F1 th1 + F2 th2) / A = (0, 1);
+    # constant = sum A1 F2 / (A1 + F2) (th1 - th2)^2 = 2*1/3 * 3^2 + 0 = 6
+    assert float(ewc.precision["a"]) == pytest.approx(3.0)
+    assert float(ewc.precision["b"]) == pytest.approx(3.0)
+    assert float(ewc.anchor["a"]) == pytest.approx(0.0)
+    assert float(ewc.anchor["b"]) == pytest.approx(1.0)
+    assert ewc.constant == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("theta", [(0.3, -1.7), (4.0, 2.5), (-3.0, 10.0), (1.0, 5.0)])
+def test_separate_mode_equals_sum_of_separate_quadratics(theta: tuple[float, float]) -> None:
+    ewc = _consolidated(_ewc(lam=2.0))
+    a, b = theta
+    expected = sum(
+        F[k] * (x - TH[k]) ** 2
+        for F, TH in [(F1, THETA1), (F2, THETA2)]
+        for k, x in (("a", a), ("b", b))
+    )  # lambda/2 = 1
+    # float32 storage: equal to 1e-6 relative (28.14 comes back as 28.1400013)
+    assert _penalty_at(ewc, a, b) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_separate_mode_three_tasks_random() -> None:
+    gen = torch.Generator().manual_seed(0)
+    tasks = []
+    for _ in range(3):
+        fisher = torch.rand(5, generator=gen) * (torch.rand(5, generator=gen) > 0.3)  # some zeros
+        tasks.append((fisher, torch.randn(5, generator=gen)))
+    ewc = EWC(EWCConfig(ewc_lambda=0.7))
+    for f, th in tasks:
+        ewc.consolidate({"w": f.clone()}, {"w": th.clone()})
+    for _ in range(5):
+        w = torch.randn(5, generator=gen) * 3
+        expected = 0.35 * sum(float((f * (w - th) ** 2).sum()) for f, th in tasks)
+        model = nn.Module()
+        model.w = nn.Parameter(w)
+        got = float(ewc.penalty(model, BLOCKS, torch.empty(0)).detach())
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_consolidate_does_not_modify_its_inputs() -> None:
+    ewc = _ewc()
+    f1, th1 = {"a": _t(2.0)}, {"a": _t(1.0)}
+    ewc.consolidate(f1, th1)
+    ewc.consolidate({"a": _t(1.0)}, {"a": _t(-2.0)})
+    assert float(f1["a"]) == 2.0 and float(th1["a"]) == 1.0
+
+
+def test_online_mode_by_hand() -> None:
+    ewc = _consolidated(_ewc(mode="online", lam=2.0, gamma=0.5))
+    # F* = gamma F1 + F2 = (0.5*2 + 1, 0.5*0 + 3) = (2, 3), anchored at theta2 = (-2, 1)
+    assert float(ewc.precision["a"]) == pytest.approx(2.0)
+    assert float(ewc.precision["b"]) == pytest.approx(3.0)
+    assert float(ewc.anchor["a"]) == pytest.approx(-2.0)
+    assert float(ewc.anchor["b"]) == pytest.approx(1.0)
+    assert ewc.constant == 0.0
+    # at theta = (0, 0): lambda/2 * (2*(0+2)^2 + 3*(0-1)^2) = 1 * (8 + 3) = 11
+    assert _penalty_at(ewc, 0.0, 0.0) == pytest.approx(11.0, abs=1e-6)
+    # zero at the latest anchor, unlike separate mode
+    assert _penalty_at(ewc, -2.0, 1.0) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_online_mode_gamma_one_three_tasks() -> None:
+    ewc = _ewc(mode="online", lam=1.0, gamma=1.0)
+    for f in (1.0, 2.0, 4.0):
+        ewc.consolidate({"a": _t(f), "b": _t(0.0)}, {"a": _t(f), "b": _t(0.0)})
+    # F* = 1 + 2 + 4 = 7 at the last theta (4)
+    assert float(ewc.precision["a"]) == pytest.approx(7.0)
+    assert float(ewc.anchor["a"]) == pytest.approx(4.0)
+
+
+def test_after_task_uses_fisher_and_current_weights() -> None:
+    model = TwoParam(LN3, 0.0)
+    ewc = EWC(EWCConfig(ewc_lambda=1.0, fisher_samples=64))  # >= 2 blocks: all of them
+    ewc.after_task(model, BLOCKS, torch.Generator().manual_seed(0))
+    assert float(ewc.precision["a"]) == pytest.approx(FISHER_A, rel=1e-5)
+    assert float(ewc.precision["b"]) == pytest.approx(FISHER_B, rel=1e-5)
+    assert float(ewc.anchor["a"]) == pytest.approx(LN3)
+    # the anchor is a copy: moving the model does not move it
+    with torch.no_grad():
+        model.a.add_(1.0)
+    assert float(ewc.anchor["a"]) == pytest.approx(LN3)
+    # penalty = 1/2 * F_a * 1^2
+    assert _penalty_at(ewc, LN3 + 1.0, 0.0) == pytest.approx(0.5 * FISHER_A, rel=1e-5)
+
+
+def test_after_task_subsamples_fisher_samples_blocks() -> None:
+    model = TwoParam(LN3, 0.0)
+    ewc = EWC(EWCConfig(ewc_lambda=1.0, fisher_samples=1))
+    ewc.after_task(model, BLOCKS, torch.Generator().manual_seed(0))
+    # one block: F_a is either g1_a^2 = 1/16 or g2_a^2 = 81/25
+    f_a = float(ewc.precision["a"])
+    assert min(abs(f_a - 0.0625), abs(f_a - 3.24)) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_state_dict_round_trip(mode: str, tmp_path: Path) -> None:
+    ewc = _consolidated(_ewc(mode=mode, lam=2.0, gamma=0.5))
+    path = tmp_path / "state.safetensors"  # through safetensors, as the checkpoint does
+    save_file({k: v.contiguous() for k, v in ewc.state_dict().items()}, path)
+    restored = _ewc(mode=mode, lam=2.0, gamma=0.5)
+    restored.load_state_dict(load_file(path))
+    assert restored.constant == pytest.approx(ewc.constant)
+    assert set(restored.precision) == {"a", "b"} == set(restored.anchor)
+    for k in ("a", "b"):
+        assert torch.equal(restored.precision[k], ewc.precision[k])
+        assert torch.equal(restored.anchor[k], ewc.anchor[k])
+    for theta in [(0.0, 0.0), (1.5, -2.0)]:
+        assert _penalty_at(restored, *theta) == pytest.approx(_penalty_at(ewc, *theta))
+
+
+def test_penalty_moves_state_to_the_model_device() -> None:
+    # A checkpoint's EWC state is loaded on the CPU; the model may live elsewhere (CUDA).
+    # The meta device stands in for "another device" here.
+    ewc = _consolidated(_ewc())
+    model = TwoParam(0.0, 0.0).to("meta")
+    value = ewc.penalty(model, BLOCKS, torch.empty(0))
+    assert value is not None and value.device.type == "meta"
+    assert ewc.precision["a"].device.type == "meta"
