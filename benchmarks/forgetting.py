@@ -21,7 +21,10 @@ VARIANTS: dict[str, list[str]] = {
     "EWC (λ = 100)": ["ewc_lambda=100"],
     "distillation (α = 1, T = 2)": ["distill_alpha=1.0"],
     "replay + EWC + distillation": [
-        "buffer_size=1024", "replay_fraction=0.25", "ewc_lambda=100", "distill_alpha=1.0",
+        "buffer_size=1024",
+        "replay_fraction=0.25",
+        "ewc_lambda=100",
+        "distill_alpha=1.0",
     ],
 }
 
@@ -39,7 +42,7 @@ def main() -> None:
         prep = prepare(exp.run)
         reports: list[dict[str, Any]] = []
         start = time.perf_counter()
-        run_stream(prep, report=lambda m, _c: reports.append(m))
+        run_stream(prep, report=lambda m, _c, out=reports: out.append(m))
         wall = time.perf_counter() - start
         last = reports[-1]
         speed = sum(r["train_tokens_per_s"] for r in reports) / len(reports)

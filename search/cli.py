@@ -75,7 +75,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     progress = run_stream(prep, report=report, resume_from=resume, stop_after=args.stop_after)
     (out / "loss_matrix.json").write_text(
-        json.dumps({"tasks": names, "loss_matrix": progress.loss_matrix, "base": progress.base_losses})
+        json.dumps(
+            {"tasks": names, "loss_matrix": progress.loss_matrix, "base": progress.base_losses}
+        )
     )
     print("\nloss matrix (nats/token; row = after training on, column = evaluated on)")
     print(format_matrix(progress.loss_matrix, names, progress.base_losses or None))
@@ -138,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--top", type=int, default=10, metavar="K",
                         help="trials shown in the final table")
     search.set_defaults(func=cmd_search)
+
+    from search import export
+
+    export.add_parser(sub)
     return parser
 
 

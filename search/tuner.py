@@ -196,6 +196,24 @@ def build_tuner(
     local = local_results_dir(exp)
     storage_path = str(local.parent) if local is not None else exp.storage_path
     resources = {"cpu": exp.resources.cpus_per_trial, "gpu": exp.resources.gpus_per_trial}
+    # Ray's default output prints the whole nested config of the best trial at every update; a
+    # CLIReporter shows one row per trial with the searched values and the task-level metrics.
+    # It only takes effect with the classic output engine (RAY_AIR_NEW_OUTPUT=0).
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    reporter = tune.CLIReporter(
+        parameter_columns={"/".join(HYPERPARAMETERS[n]): n for n in exp.space},
+        metric_columns={
+            "training_iteration": "tasks",
+            s.metric: s.metric,
+            "forgetting": "forgetting",
+            "new_task_loss": "new_task_loss",
+        },
+        max_report_frequency=30,
+        metric=s.metric,
+        mode=s.mode,
+        sort_by_metric=True,
+        max_column_length=14,
+    )
     return tune.Tuner(
         tune.with_resources(continual_trainable, resources),
         param_space=build_param_space(exp),
@@ -215,6 +233,7 @@ def build_tuner(
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             verbose=1,
+            progress_reporter=reporter,
         ),
     )
 

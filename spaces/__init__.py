@@ -35,7 +35,9 @@ class Dist(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Dist:
-        given = [k for k in ("loguniform", "uniform", "int", "choice") if getattr(self, k) is not None]
+        given = [
+            k for k in ("loguniform", "uniform", "int", "choice") if getattr(self, k) is not None
+        ]
         if len(given) != 1:
             raise ValueError(
                 "give exactly one distribution; valid values: loguniform, uniform, int, choice "

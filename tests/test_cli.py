@@ -51,7 +51,9 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_quickstart_trains_and_prints_the_loss_matrix(tmp_path: Path) -> None:
     out = tmp_path / "qs"
-    proc = run_cli("train", str(ROOT / "experiments/quickstart.yaml"), "--out", str(out), cwd=tmp_path)
+    proc = run_cli(
+        "train", str(ROOT / "experiments/quickstart.yaml"), "--out", str(out), cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert "loss matrix" in proc.stdout
     for row in ("before", "after docs", "after code", "after unicode"):
@@ -73,7 +75,9 @@ def test_stop_and_resume_through_the_cli_gives_the_same_matrix(tmp_path: Path) -
         assert row_part == pytest.approx(row_full, abs=1e-4)
 
 
-def test_existing_output_is_not_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_output_is_not_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     exp = write(tmp_path / "small.yaml", SMALL)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy/metrics.jsonl").write_text("{}\n")
@@ -84,14 +88,26 @@ def test_existing_output_is_not_overwritten(tmp_path: Path, capsys: pytest.Captu
 BAD = [
     ("negative lr", ["--set", "lr=-0.1"], "run.optim.lr", "greater than 0"),
     ("unknown key", ["--set", "run.optim.lrate=0.1"], "run.optim.lrate", "valid keys"),
-    ("unknown component", ["--set", "run.components.dropout={}"], "run.components.dropout",
-     "replay, ewc, distill"),
+    (
+        "unknown component",
+        ["--set", "run.components.dropout={}"],
+        "run.components.dropout",
+        "replay, ewc, distill",
+    ),
     ("negative buffer", ["--set", "buffer_size=-1"], "buffer_size", "greater than or equal to 0"),
     ("replay fraction 1", ["--set", "replay_fraction=1.0"], "replay_fraction", "less than 1"),
-    ("missing file", ["--set", "run.stream.tasks=[{name: a, source: files, files: [nope.txt]}]"],
-     "run.stream.tasks.0.files", "not found"),
-    ("model offline", ["--set", "run.model.name=nobody/no-such-model"], "run.model.name",
-     "cannot load"),
+    (
+        "missing file",
+        ["--set", "run.stream.tasks=[{name: a, source: files, files: [nope.txt]}]"],
+        "run.stream.tasks.0.files",
+        "not found",
+    ),
+    (
+        "model offline",
+        ["--set", "run.model.name=nobody/no-such-model"],
+        "run.model.name",
+        "cannot load",
+    ),
 ]
 
 

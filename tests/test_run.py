@@ -68,8 +68,18 @@ def test_replay_forgets_clearly_less_at_the_same_lr(naive_and_replay: Any) -> No
 def test_reports_carry_every_metric(naive_and_replay: Any) -> None:
     m = naive_and_replay[0][1]
     for key in (
-        "stream_loss", "seen_loss", "new_task_loss", "forgetting", "bwt", "fwt", "stream_ppl",
-        "loss/docs", "ppl/code", "forgetting/docs", "train_tokens_per_s", "train_tokens",
+        "stream_loss",
+        "seen_loss",
+        "new_task_loss",
+        "forgetting",
+        "bwt",
+        "fwt",
+        "stream_ppl",
+        "loss/docs",
+        "ppl/code",
+        "forgetting/docs",
+        "train_tokens_per_s",
+        "train_tokens",
     ):
         assert key in m, key
     assert len(m["loss_matrix"]) == 3 and len(m["loss_matrix"][0]) == 3

@@ -43,7 +43,9 @@ def save_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path / "model", safe_serialization=True)
     tokenizer.save_pretrained(path / "model")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path / "state.safetensors")
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in state.items()}, path / "state.safetensors"
+    )
     torch.save(optimizer.state_dict(), path / "optimizer.pt")
     (path / "progress.json").write_text(json.dumps(progress.__dict__, indent=1))
     return path

@@ -23,7 +23,13 @@ from torch import Tensor
 from trainables.config import DomainConfig, StreamConfig
 from trainables.errors import ConfigError
 
-FILE_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FILE_LOADERS = {
+    ".txt": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 
 
 @dataclass(frozen=True)

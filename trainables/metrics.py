@@ -52,7 +52,9 @@ def stream_metrics(L: Matrix, k: int) -> dict[str, float]:
 
 
 def task_forgetting(L: Matrix, k: int, j: int) -> float:
-    """Forgetting of task ``j`` after task ``k``: ``L[k][j] - min_{l in [j, k)} L[l][j]``; 0 if j >= k."""
+    """Forgetting of task ``j`` after task ``k``: ``L[k][j] - min_{l in [j, k)} L[l][j]``.
+
+    0 when ``j >= k`` (the task is not in the past yet)."""
     if j >= k:
         return 0.0
     return float(L[k][j - 1]) - min(float(L[l][j - 1]) for l in range(j, k))

@@ -95,15 +95,19 @@ def build_model(cfg: ModelConfig, tokenizer: Any) -> nn.Module:
         ) from None
 
 
-def check_model_loadable(cfg: ModelConfig) -> None:
-    """Fail fast (config only, no weights) when a named model cannot be loaded."""
+def check_model_loadable(cfg: ModelConfig) -> Any:
+    """Fail fast (config only, no weights) when a named model cannot be loaded.
+
+    Returns:
+        The model's transformers config, or None for the built model.
+    """
     if cfg.name == TINY:
-        return
+        return None
     import transformers
 
     _quiet_transformers()
     try:
-        transformers.AutoConfig.from_pretrained(
+        return transformers.AutoConfig.from_pretrained(
             cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except Exception as err:  # noqa: BLE001
@@ -113,8 +117,8 @@ def check_model_loadable(cfg: ModelConfig) -> None:
         ) from None
 
 
-def context_length(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
+def context_length(config: Any) -> int | None:
+    """The longest sequence a transformers config allows, if it says."""
     for key in ("n_positions", "max_position_embeddings"):
         value = getattr(config, key, None)
         if isinstance(value, int):
@@ -139,4 +143,7 @@ def pretrain_key(cfg: ModelConfig, stream: StreamConfig) -> str:
 
 def pretrain_dir(cfg: ModelConfig, stream: StreamConfig) -> Path:
     assert cfg.pretrain is not None
-    return Path(cfg.pretrain.cache_dir).expanduser().resolve() / f"pretrain-{pretrain_key(cfg, stream)}"
+    return (
+        Path(cfg.pretrain.cache_dir).expanduser().resolve()
+        / f"pretrain-{pretrain_key(cfg, stream)}"
+    )

@@ -63,16 +63,19 @@ def prepare(cfg: RunConfig) -> Prepared:
         ConfigError: naming the field, the rule and the valid values.
     """
     tokenizer = load_tokenizer(cfg.model)
-    check_model_loadable(cfg.model)
-    if cfg.model.name == TINY and cfg.stream.block_size > cfg.model.n_positions:
+    config = check_model_loadable(cfg.model)
+    limit = cfg.model.n_positions if config is None else context_length(config)
+    if limit is not None and cfg.stream.block_size > limit:
+        where = "run.model.n_positions" if config is None else f"the context of {cfg.model.name}"
         raise ConfigError(
-            f"run.stream.block_size: must be <= run.model.n_positions={cfg.model.n_positions} "
-            f"(got {cfg.stream.block_size})"
+            f"run.stream.block_size: must be <= {where} ({limit}) (got {cfg.stream.block_size})"
         )
     tasks = build_stream(cfg.stream, tokenizer)
     base = None
     if cfg.model.pretrain is not None:
-        base = build_task(cfg.model.pretrain.domain, cfg.stream, tokenizer, "run.model.pretrain.domain")
+        base = build_task(
+            cfg.model.pretrain.domain, cfg.stream, tokenizer, "run.model.pretrain.domain"
+        )
     return Prepared(cfg, tokenizer, tasks, base)
 
 
@@ -233,7 +236,10 @@ def run_stream(
         n_train = task.train.shape[0]
         steps = max(1, math.ceil(cfg.optim.epochs * n_train / n_cur))
         order = torch.cat(
-            [torch.randperm(n_train, generator=gen) for _ in range(math.ceil(steps * n_cur / n_train))]
+            [
+                torch.randperm(n_train, generator=gen)
+                for _ in range(math.ceil(steps * n_cur / n_train))
+            ]
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from trainables.config import parse_run_config
-from trainables.run import prepare, run_stream
+from trainables.run import pick_device, prepare, run_stream
 
 
 def continual_trainable(config: dict[str, Any]) -> None:
@@ -26,7 +26,11 @@ def continual_trainable(config: dict[str, Any]) -> None:
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
 
     def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        import torch
+
+        # float results depend on both: `adaptune export` pins them to reproduce the trial
+        used = {"threads": torch.get_num_threads(), "cuda": int(pick_device(cfg).type == "cuda")}
+        tune.report(metrics | used, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:

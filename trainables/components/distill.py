@@ -1,4 +1,4 @@
-"""Distillation (Learning without Forgetting, Li & Hoiem 2016) from the model at the task's start."""
+"""Distillation (Learning without Forgetting, Li & Hoiem 2016) from the task-start model."""
 
 from __future__ import annotations
 

@@ -1,0 +1,395 @@
+"""``adaptune export``: the winner of a search as a runnable experiment with fixed values.
+
+The search is found in MLflow by experiment name (its latest FINISHED parent run) or by run id
+(a parent run, or one trial's child run to export that trial). The winner is the parent's
+champion (tag ``adaptune.champion_trial_id``), else its best FINISHED trial by the search's
+objective. Its searched values are written into ``run`` of the experiment YAML logged on the
+parent run, ``space`` is emptied, and ``run.hardware`` is pinned to the CPU threads (and CPU
+device) the trial ran with, so ``adaptune train best.yaml`` reproduces the trial's losses on the
+same machine.
+
+Example:
+    >>> path, winner = export_best("quickstart", out="best.yaml")  # doctest: +SKIP
+    >>> winner.params  # doctest: +SKIP
+    {'lr': 0.0011, 'buffer_size': 256, ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search.experiment import Experiment, experiment_yaml, parse_experiment
+from search.ui import resolve_tracking_uri
+from spaces import Dist
+from spaces.tune import parse_space
+from trainables.config import HYPERPARAMETERS
+from trainables.errors import ConfigError
+
+# search.tracking's tags (it imports Ray and MLflow: loaded only when a command runs)
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "adaptune.trial_id"
+CHAMPION_TAG = "adaptune.champion_trial_id"  # set on the parent run by search.tuner
+KIND_TAG = "adaptune.kind"  # "search" on parent runs, "trial" on child runs
+EXPERIMENT_ARTIFACT = "experiment.yaml"  # the resolved experiment, logged on the parent run
+DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
+
+
+@dataclass(frozen=True)
+class Winner:
+    parent_run_id: str
+    run_id: str  # the trial's child run
+    trial_id: str
+    how: str  # "champion", "best finished trial" or "requested trial"
+    metric: str
+    mode: str
+    value: float | None  # the objective at the trial's last task
+    tasks_done: int
+    params: dict[str, Any]  # the space's names -> typed values
+    threads: int  # torch CPU threads the trial ran with
+    device: str  # the run.hardware.device written to best.yaml
+
+
+def _client(tracking_uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():  # MlflowClient would create an empty store here
+            raise ConfigError(f"--tracking-uri: no MLflow store at {db}; run a search first")
+    return MlflowClient(tracking_uri=uri)
+
+
+def _all_runs(client: Any, experiment_ids: list[str], filter_string: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            experiment_ids, filter_string=filter_string, max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_search(client: Any, experiment_name: str) -> Any:
+    """The latest FINISHED parent run of the MLflow experiment ``experiment_name``.
+
+    Raises:
+        ConfigError: no such experiment, or no finished search in it.
+    """
+    found = client.get_experiment_by_name(experiment_name)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        valid = f"; experiments in this store: {', '.join(names)}" if names else ""
+        raise ConfigError(f"no MLflow experiment named {experiment_name!r}{valid}")
+    parents = [
+        r
+        for r in _all_runs(client, [found.experiment_id], f"tags.`{KIND_TAG}` = 'search'")
+        if PARENT_TAG not in r.data.tags
+    ]
+    finished = [r for r in parents if r.info.status == "FINISHED"]
+    if not finished:
+        seen = ", ".join(sorted({r.info.status for r in parents})) or "none"
+        raise ConfigError(
+            f"MLflow experiment {experiment_name!r} holds no FINISHED search "
+            f"(search runs found: {len(parents)}, statuses: {seen}); "
+            "pass --run-id to export from an unfinished one"
+        )
+    return max(finished, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def _get_run(client: Any, run_id: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"--run-id: no MLflow run {run_id!r} in this store") from None
+
+
+def read_experiment(client: Any, parent: Any) -> Experiment:
+    """The experiment the search ran, from the YAML artifact on its parent run."""
+    run_id = parent.info.run_id
+    bar = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # one small file: no progress bar on stderr
+    saved = os.environ.get(bar)
+    os.environ[bar] = "false"
+    with tempfile.TemporaryDirectory(prefix="adaptune-export-") as tmp:
+        try:
+            local = client.download_artifacts(run_id, EXPERIMENT_ARTIFACT, tmp)
+            text = Path(local).read_text(encoding="utf-8")
+        except Exception:  # noqa: BLE001 - MlflowException or OSError: the artifact is missing
+            raise ConfigError(
+                f"run {run_id}: no {EXPERIMENT_ARTIFACT} artifact; is it an adaptune search run?"
+            ) from None
+        finally:
+            if saved is None:
+                os.environ.pop(bar, None)
+            else:
+                os.environ[bar] = saved
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"run {run_id}: {EXPERIMENT_ARTIFACT} does not hold a mapping")
+    return parse_experiment(data, source=f"run {run_id}: {EXPERIMENT_ARTIFACT}")
+
+
+def _objective(run: Any, metric: str) -> float | None:
+    value = run.data.metrics.get(metric)
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def pick_winner(client: Any, parent: Any, exp: Experiment) -> tuple[Any, str]:
+    """The champion trial's child run, else the best FINISHED one by the search's objective.
+
+    Raises:
+        ConfigError: the search has no finished trial with a finite objective.
+    """
+    parent_id = parent.info.run_id
+    children = _all_runs(
+        client, [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'"
+    )
+    metric, mode = exp.search.metric, exp.search.mode
+    finished = [
+        r
+        for r in children
+        if r.info.status == "FINISHED" and _objective(r, metric) is not None
+    ]
+    champion = parent.data.tags.get(CHAMPION_TAG)
+    for run in finished:
+        if champion is not None and run.data.tags.get(TRIAL_TAG) == champion:
+            return run, "champion"
+    if not finished:
+        raise ConfigError(
+            f"search run {parent_id} has no FINISHED trial with a {metric} value "
+            f"({len(children)} trial(s), none ran every task)"
+        )
+    sign = 1.0 if mode == "min" else -1.0
+    best = min(finished, key=lambda r: (sign * (_objective(r, metric) or 0.0), r.info.start_time))
+    return best, "best finished trial"
+
+
+def resolve(
+    client: Any, *, experiment_name: str | None = None, run_id: str | None = None
+) -> tuple[Any, Any, Experiment, str]:
+    """(parent run, winning child run, the search's experiment, how the winner was chosen)."""
+    if run_id is not None:
+        run = _get_run(client, run_id)
+        parent_id = run.data.tags.get(PARENT_TAG)
+        if parent_id is None:
+            parent = run
+        else:
+            parent = _get_run(client, parent_id)
+            exp = read_experiment(client, parent)
+            if run.info.status != "FINISHED":
+                done = run.data.tags.get("adaptune.tasks_done", "?")
+                raise ConfigError(
+                    f"--run-id: trial {run.data.tags.get(TRIAL_TAG, run_id)} did not finish "
+                    f"(status {run.info.status}, {done} of {len(exp.run.stream.tasks)} tasks); "
+                    "export a FINISHED trial"
+                )
+            return parent, run, exp, "requested trial"
+    else:
+        assert experiment_name is not None
+        parent = find_search(client, experiment_name)
+    if parent.data.tags.get(KIND_TAG) != "search":
+        raise ConfigError(f"run {parent.info.run_id} is not an adaptune search run")
+    exp = read_experiment(client, parent)
+    child, how = pick_winner(client, parent, exp)
+    return parent, child, exp, how
+
+
+def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+
+
+def _get(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = data
+    for part in path:
+        node = node[part]
+    return node
+
+
+def fixed_experiment(
+    exp: Experiment, child: Any, *, name: str | None = None
+) -> tuple[Experiment, dict[str, Any], int, str]:
+    """``exp`` with the trial's values in ``run``, no ``space``, and its hardware pinned.
+
+    MLflow keeps params as strings; each is converted back by validating it through the run
+    schema (``"16"`` -> ``16`` for ``buffer_size``, ``"1e-05"`` -> ``1e-05`` for ``lr``).
+
+    Returns:
+        (the fixed experiment, the trial's values by name, its threads, the device written)
+    """
+    data = exp.model_dump(mode="json", exclude_none=True)
+    space = parse_space(dict(exp.space))
+    params = child.data.params
+    trial = child.data.tags.get(TRIAL_TAG, child.info.run_id)
+    for key, spec in space.items():
+        if key in params:
+            value: Any = params[key]  # a string; the schema below gives it its type
+        elif isinstance(spec, Dist):
+            raise ConfigError(f"trial {trial}: no MLflow param {key!r}, a searched value")
+        else:
+            value = spec
+        _set(data["run"], HYPERPARAMETERS[key], value)
+
+    metrics = child.data.metrics
+    hardware = data["run"].setdefault("hardware", {})
+    threads = metrics.get("threads")
+    if threads is None:  # logged by trainables.trainable since `threads` was added
+        threads = exp.run.hardware.threads or max(1, int(exp.resources.cpus_per_trial))
+    hardware["threads"] = int(threads)
+    cuda = metrics.get("cuda")
+    if cuda is not None and not cuda and hardware.get("device", "auto") == "auto":
+        # on a machine with a GPU, `auto` in `adaptune train` would pick CUDA
+        hardware["device"] = "cpu"
+    data["space"] = {}
+    data["name"] = name or f"{exp.name}-best"
+    fixed = parse_experiment(data, source=f"trial {trial}")
+    values = {
+        key: _get(fixed.run.model_dump(mode="json"), HYPERPARAMETERS[key]) for key in space
+    }
+    return fixed, values, int(threads), fixed.run.hardware.device
+
+
+def render(fixed: Experiment, winner: Winner, tracking_uri: str) -> str:
+    """``best.yaml``: a comment naming the source, then the experiment, defaults included."""
+    value = "-" if winner.value is None else f"{winner.value!r}"
+    head = [
+        f"# adaptune export: trial {winner.trial_id} of a search ({winner.how}), values fixed.",
+        f"# MLflow {tracking_uri}",
+        f"#   parent run {winner.parent_run_id}, trial run {winner.run_id}",
+        f"# {winner.metric} ({winner.mode}) = {value} after {winner.tasks_done} task(s)",
+        f"# run.hardware pins threads={winner.threads} and device={winner.device} as in the trial;",
+        "# `adaptune train` with this file reproduces its losses on the same machine.",
+    ]
+    text = "\n".join(head) + "\n" + experiment_yaml(fixed)
+    again = parse_experiment(yaml.safe_load(text), source="best.yaml")  # it must load back
+    if again != fixed:
+        raise RuntimeError("the exported experiment does not survive a YAML round trip")
+    return text
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_best(
+    experiment_name: str | None = None,
+    *,
+    run_id: str | None = None,
+    out: str | Path = "best.yaml",
+    tracking_uri: str = DEFAULT_TRACKING_URI,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, Winner]:
+    """Write the winner of a search as a runnable experiment.
+
+    Args:
+        experiment_name: the MLflow experiment; its latest FINISHED search is used.
+        run_id: instead, a search's parent run id, or a trial's child run id.
+        out: the file to write.
+        tracking_uri: the MLflow store (a relative ``sqlite:///`` path is taken from the cwd).
+        name: the exported experiment's name (default ``<name>-best``).
+        overwrite: replace ``out`` when it exists.
+
+    Returns:
+        (the path written, the winner)
+
+    Raises:
+        ConfigError: no such experiment or run, no finished trial, or ``out`` exists.
+    """
+    if (experiment_name is None) == (run_id is None):
+        raise ConfigError("give an experiment name or --run-id (exactly one)")
+    path = Path(out)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"-o: {path} already exists; pass --force to replace it")
+    client = _client(tracking_uri)
+    parent, child, exp, how = resolve(client, experiment_name=experiment_name, run_id=run_id)
+    fixed, values, threads, device = fixed_experiment(exp, child, name=name)
+    winner = Winner(
+        parent_run_id=parent.info.run_id,
+        run_id=child.info.run_id,
+        trial_id=child.data.tags.get(TRIAL_TAG, child.info.run_id),
+        how=how,
+        metric=exp.search.metric,
+        mode=exp.search.mode,
+        value=_objective(child, exp.search.metric),
+        tasks_done=int(child.data.tags.get("adaptune.tasks_done", 0) or 0),
+        params=values,
+        threads=threads,
+        device=device,
+    )
+    write_atomic(path, render(fixed, winner, client.tracking_uri))
+    return path, winner
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    experiment_name, tracking_uri = args.experiment, args.tracking_uri
+    if experiment_name and experiment_name.endswith((".yaml", ".yml")) and Path(
+        experiment_name
+    ).is_file():  # an experiment file: its MLflow experiment and store
+        from search.experiment import load_experiment
+
+        exp = load_experiment(experiment_name)
+        experiment_name = exp.tracking.experiment_name or exp.name
+        tracking_uri = tracking_uri or exp.tracking.tracking_uri
+    path, winner = export_best(
+        experiment_name,
+        run_id=args.run_id,
+        out=args.out,
+        tracking_uri=tracking_uri or DEFAULT_TRACKING_URI,
+        name=args.name,
+        overwrite=args.force,
+    )
+    value = "-" if winner.value is None else f"{winner.value:.6g}"
+    print(
+        f"wrote {path}: trial {winner.trial_id} ({winner.how}) of search run "
+        f"{winner.parent_run_id}, {winner.metric} {value}"
+    )
+    for key, v in {**winner.params, "threads": winner.threads, "device": winner.device}.items():
+        print(f"  {key}: {v!r}" if isinstance(v, str) else f"  {key}: {v}")
+    print(f"rerun it: adaptune train {path}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    export = sub.add_parser(
+        "export", help="write a search's winner as an experiment with fixed values"
+    )
+    export.add_argument(
+        "experiment", nargs="?",
+        help="MLflow experiment name (its latest finished search), or the experiment YAML",
+    )
+    export.add_argument("--run-id", help="a search's parent run id, or one trial's run id")
+    export.add_argument("-o", "--out", default="best.yaml", help="file to write (best.yaml)")
+    export.add_argument(
+        "--tracking-uri", default=None,
+        help=f"MLflow store (default: the YAML's, else {DEFAULT_TRACKING_URI})",
+    )
+    export.add_argument("--name", help="the exported experiment's name (default <name>-best)")
+    export.add_argument("--force", action="store_true", help="replace an existing output file")
+    export.set_defaults(func=cmd_export)
