@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # A CPU build here; on a GPU machine install the CUDA build of torch into .venv first and
 # this step leaves it alone.
 TORCH_VERSION ?= 2.13.0
+CHROMIUM ?= /usr/bin/chromium
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -20,8 +21,23 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
+# The browser test (tests/test_ui_browser.py) drives Debian's chromium with Playwright; the
+# browser comes from apt, never from `playwright install` (a download).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if ! command -v apt-get >/dev/null; then \
+	    echo "note: no $(CHROMIUM) and no apt-get: install Chromium at $(CHROMIUM);" \
+	      "until then tests/test_ui_browser.py is skipped"; \
+	  elif [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	  elif command -v sudo >/dev/null; then \
+	    sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	  else \
+	    echo "note: no $(CHROMIUM); as root run: apt-get install -y chromium;" \
+	      "until then tests/test_ui_browser.py is skipped"; \
+	  fi; \
+	fi
 	touch $@
 
 install: $(VENV)/.installed

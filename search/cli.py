@@ -7,17 +7,32 @@ that cannot load) prints one line to stderr and exits with code 2 before anythin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from search import ui
 from trainables.errors import ConfigError, TrainingDivergedError
 
 EXIT_USAGE = 2
+
+
+@contextlib.contextmanager
+def naming_file(path: str) -> Iterator[None]:
+    """Prefix the experiment file to a ConfigError from the checks that follow loading it
+    (search settings, data, model), so every message names the file like the schema's do."""
+    try:
+        yield
+    except ConfigError as err:
+        if str(err).startswith(f"{path}: "):
+            raise
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def format_matrix(matrix: list[list[float]], names: list[str], base: list[float] | None) -> str:
@@ -49,7 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = done[-1]
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: {out} already holds a run; pass --resume or another --out")
-    prep = prepare(exp.run)  # every input check happens here, before anything is written
+    with naming_file(args.experiment):  # every input check happens here, before any write
+        prep = prepare(exp.run)
     names = [t.name for t in prep.tasks]
     print(
         f"adaptune train {exp.name}: {len(names)} tasks ({', '.join(names)}), "
@@ -87,12 +103,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from search.experiment import load_experiment
-    from search.tuner import format_table, run_search
+    from search.tuner import check_search, describe_search, format_table, run_search
 
     overrides = [*args.set, *([f"name={args.name}"] if args.name else [])]
+    if args.max_failures is not None:
+        overrides.append(f"search.max_failures={args.max_failures}")
     exp = load_experiment(args.experiment, overrides)
+    if args.dry_run:
+        from trainables.run import prepare
+
+        with naming_file(args.experiment):
+            check_search(exp)
+            prep = prepare(exp.run)
+        print(describe_search(exp, prep))
+        return 0
     start = time.perf_counter()
-    summary = run_search(exp, address=args.address, max_failures=args.max_failures)
+    with naming_file(args.experiment):
+        summary = run_search(exp, address=args.address)
     shown = summary.rows[: args.top]
     print(f"\nsearch {exp.name}: {len(summary.rows)} trials in {time.perf_counter() - start:.0f}s "
           f"(best {len(shown)} shown; objective {exp.search.metric}, {exp.search.mode})")
@@ -135,11 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--name", help="search name (default: the experiment's name)")
     search.add_argument("--address", help="connect to a running Ray cluster (default: start one)")
-    search.add_argument("--max-failures", type=int, default=0, metavar="N",
-                        help="retry a crashed trial N times from its last checkpoint")
+    search.add_argument("--max-failures", type=int, default=None, metavar="N",
+                        help="retry a failed trial N times from its last checkpoint "
+                             "(default: search.max_failures, 0)")
+    search.add_argument("--dry-run", action="store_true",
+                        help="check everything and print the resolved search; start nothing")
     search.add_argument("--top", type=int, default=10, metavar="K",
                         help="trials shown in the final table")
     search.set_defaults(func=cmd_search)
+    ui.add_parser(sub)
 
     from search import export
 

@@ -39,6 +39,10 @@ class SearchConfig(_Strict):
     time_budget_s: float | None = Field(None, gt=0)
     metric: str = "stream_loss"  # the objective, a metric the trainable reports
     mode: Literal["min", "max"] = "min"
+    # Ray retries a failed trial from its last checkpoint this many times. Ray counts every
+    # failure, so a divergence fails again on each retry (resumed with the same RNG state; it
+    # costs at most one task); no -1 (Ray's "forever"), which would loop on such a trial.
+    max_failures: int = Field(0, ge=0)
 
 
 class ResourcesConfig(_Strict):

@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import tempfile
@@ -174,7 +173,10 @@ def pick_winner(client: Any, parent: Any, exp: Experiment) -> tuple[Any, str]:
         )
     sign = 1.0 if mode == "min" else -1.0
     best = min(finished, key=lambda r: (sign * (_objective(r, metric) or 0.0), r.info.start_time))
-    return best, "best finished trial"
+    how = "best finished trial"
+    if champion is not None:  # tagged, but its run is not a finished one here
+        how += f"; champion {champion} has no finished run"
+    return best, how
 
 
 def resolve(

@@ -9,7 +9,9 @@ callback runs on the driver, so workers need no MLflow access:
   it is created so a restarted or resumed trial never gets a second one; params = the searched
   hyperparameters by their flat names; every numeric metric at step = task index; at the end the
   loss matrix as JSON and as a heatmap, and status FINISHED (all tasks), KILLED (stopped early by
-  the scheduler) or FAILED (tag ``adaptune.error`` = the error's first line).
+  the scheduler) or FAILED (tag ``adaptune.error`` = the error's type, first line and the task
+  where it happened; artifact ``error.txt`` = the traceback). A trial that FailureConfig retries
+  keeps its run (tag ``adaptune.failures`` = retries so far).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hashlib
 import math
 import subprocess
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +29,21 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from trainables.config import HYPERPARAMETERS
+from trainables.errors import TrainingDivergedError
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "adaptune.trial_id"
 HASH_TAG = "adaptune.experiment_hash"
-ERROR_TAG = "adaptune.error"
+ERROR_TAG = "adaptune.error"  # one line: `Type: message (during task k/T 'name')`
+FAILURES_TAG = "adaptune.failures"  # times Ray retried the trial (FailureConfig)
+ERROR_ARTIFACT = "error.txt"  # Ray's error file: every failure with its traceback
 # Ray's bookkeeping values that are numbers but not measurements
 _SKIP = {"loss_matrix", "pid", "timestamp", "done", "should_checkpoint", "trial_id"}
 
 
-def resolve_tracking_uri(uri: str) -> str:
-    """Make a relative ``sqlite:///path`` absolute (against the cwd) and create its directory."""
+def resolve_tracking_uri(uri: str, *, create: bool = True) -> str:
+    """Make a relative ``sqlite:///path`` absolute (against the cwd) and, with ``create``,
+    create its directory."""
     prefix = "sqlite:///"
     if not uri.startswith(prefix):
         return uri
@@ -44,7 +51,8 @@ def resolve_tracking_uri(uri: str) -> str:
     if str(path) in ("", ":memory:"):
         return uri
     path = path if path.is_absolute() else Path.cwd() / path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
     return f"{prefix}{path}"
 
 
@@ -125,25 +133,64 @@ def loss_matrix_figure(matrix: list[list[float]], task_names: list[str]) -> Any:
     return fig
 
 
-def _error_line(trial: Any) -> str:
-    """First line of the trial's error: the exception inside Ray's wrapper when available."""
-    err = None
-    getter = getattr(trial, "get_pickled_error", None)
-    if callable(getter):
-        try:
-            err = getter()
-        except Exception:  # noqa: BLE001 - a missing or unreadable error file is not fatal
-            err = None
-    if err is not None:
-        cause = getattr(err, "cause", None) or err
-        text = f"{type(cause).__name__}: {cause}"
-    else:
-        path = getattr(trial, "error_file", None)
-        text = Path(path).read_text() if path and Path(path).is_file() else "unknown error"
+def _trial_exception(trial: Any) -> BaseException | None:
+    """The exception a failed trial raised, unpickled from Ray's ``error.pkl``.
+
+    At ``on_trial_error`` time Ray has written the file to the driver's staging directory
+    (``trial.pickled_error_file``) but not yet synced it to storage, where
+    ``trial.get_pickled_error()`` reads; try the staging copy first.
+    """
+    path = getattr(trial, "pickled_error_file", None)
+    try:
+        if path and Path(path).is_file():
+            import cloudpickle
+
+            with open(path, "rb") as f:
+                return cloudpickle.load(f)  # type: ignore[no-any-return]
+        getter = getattr(trial, "get_pickled_error", None)
+        return getter() if callable(getter) else None
+    except Exception:  # noqa: BLE001 - an unreadable error file must not stop the search
+        return None
+
+
+def _trial_traceback(trial: Any, exc: BaseException | None) -> str:
+    """Ray's ``error.txt`` (every failure of the trial, each with its remote traceback)."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).is_file():
+        return Path(path).read_text(errors="replace")
+    if exc is not None:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return "unknown error\n"
+
+
+def describe_error(trial: Any, task_names: list[str]) -> tuple[str, str]:
+    """A failed trial's error as (one line for the ``adaptune.error`` tag, the full traceback).
+
+    The line is ``Type: message (during task k/T 'name')``. The task is the one after the
+    trial's last report (``task_index``), which is where it was when it failed; a
+    :class:`TrainingDivergedError` names its task and step itself.
+    """
+    exc = _trial_exception(trial)
+    text = _trial_traceback(trial, exc)
+    cause = getattr(exc, "cause", None)  # RayTaskError wraps the trainable's exception
+    if not isinstance(cause, BaseException):  # RayActorError (worker died) wraps no exception
+        cause = exc
+    if cause is not None:
+        line = f"{type(cause).__name__}: {cause}"
+    else:  # no pickle (e.g. the worker died): the last line of Ray's error text
         lines = [ln for ln in text.splitlines() if ln.strip()]
-        text = lines[-1] if lines else "unknown error"
-    first = next((ln for ln in text.splitlines() if ln.strip()), "unknown error")
-    return first[:500]
+        line = lines[-1] if lines else "unknown error"
+    line = next((ln for ln in line.splitlines() if ln.strip()), "unknown error")
+    if not isinstance(cause, TrainingDivergedError):
+        last = getattr(trial, "last_result", None) or {}
+        done, total = int(last.get("task_index", 0)), len(task_names)
+        where = (
+            f"during task {done + 1}/{total} {task_names[done]!r}"
+            if done < total
+            else "after the last task"
+        )
+        line = f"{line} ({where})"
+    return line[:500], text
 
 
 class MlflowTrackingCallback(Callback):
@@ -250,7 +297,7 @@ class MlflowTrackingCallback(Callback):
         self._children[trial_id] = run_id
         return run_id
 
-    def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
+    def _finish(self, trial: Any, status: str, error: tuple[str, str] | None = None) -> None:
         run_id = self.child_run_id(trial)
         last = getattr(trial, "last_result", None) or {}
         matrix = last.get("loss_matrix")
@@ -264,8 +311,12 @@ class MlflowTrackingCallback(Callback):
             self.client.log_figure(run_id, fig, "loss_matrix.png")
             plt.close(fig)
         tags = [RunTag("adaptune.tasks_done", str(last.get("task_index", 0)))]
+        failures = getattr(trial, "num_failures", 0)
+        if failures:
+            tags.append(RunTag(FAILURES_TAG, str(failures)))
         if error is not None:
-            tags.append(RunTag(ERROR_TAG, error))
+            tags.append(RunTag(ERROR_TAG, error[0]))
+            self.client.log_text(run_id, error[1], ERROR_ARTIFACT)
         self.client.log_batch(run_id, tags=tags)
         self.client.set_terminated(run_id, status=status)
 
@@ -292,7 +343,17 @@ class MlflowTrackingCallback(Callback):
         self._finish(trial, status)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._finish(trial, "FAILED", error=_error_line(trial))
+        self._finish(trial, "FAILED", error=describe_error(trial, self.task_names))
+
+    def on_trial_recover(
+        self, iteration: int, trials: list[Any], trial: Any, **info: Any
+    ) -> None:
+        # FailureConfig retries the trial from its last checkpoint; its run stays RUNNING.
+        run_id = self.child_run_id(trial)
+        line, text = describe_error(trial, self.task_names)
+        self.client.set_tag(run_id, FAILURES_TAG, str(getattr(trial, "num_failures", 1)))
+        self.client.set_tag(run_id, "adaptune.last_failure", line)
+        self.client.log_text(run_id, text, ERROR_ARTIFACT)
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         # Trials the search never finished (time budget, Ctrl-C) must not stay RUNNING.

@@ -157,13 +157,110 @@ def build_scheduler(exp: Experiment) -> Any:
     )
 
 
+def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
+    """The tasks after which ASHA may stop a trial (its rungs below ``max_t``).
+
+    Ray's ASHA bracket has milestones ``grace_period * reduction_factor**k`` for
+    ``k < int(log(max_t / grace_period) / log(reduction_factor) + 1)``; a trial meets a
+    milestone at the first task index >= it. The trial ends at ``max_t`` anyway, so a rung
+    there stops nothing.
+    """
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    milestones = (grace_period * reduction_factor**k for k in range(count))
+    return sorted({math.ceil(m) for m in milestones if math.ceil(m) < max_t})
+
+
+def _describe_spec(spec: Any) -> str:
+    if isinstance(spec, Dist):
+        values = spec.values()
+        if spec.kind == "choice":
+            return f"choice {list(values)}"
+        bounds = "inclusive" if spec.kind == "int" else ""
+        return f"{spec.kind} [{values[0]}, {values[1]}]{' ' + bounds if bounds else ''}"
+    return repr(spec)
+
+
+def describe_search(exp: Experiment, prep: Any) -> str:
+    """The resolved search, as ``adaptune search --dry-run`` prints it.
+
+    Args:
+        exp: a checked experiment (:func:`check_search` passed).
+        prep: its prepared run (:func:`trainables.run.prepare`): tasks and their sizes.
+    """
+    from search.tracking import resolve_tracking_uri
+
+    s, T = exp.search, len(prep.tasks)
+    space = parse_space(dict(exp.space))
+    searched = {n: v for n, v in space.items() if isinstance(v, Dist)}
+    run = exp.run.model_dump(mode="json")
+    width = max(len(n) for n in HYPERPARAMETERS)
+    lines = [f"adaptune search {exp.name} (dry run: nothing started, nothing written)", ""]
+    lines.append(f"model:      {exp.run.model.name}")
+    lines.append(f"tasks:      {T}")
+    for t in prep.tasks:
+        lines.append(
+            f"  {t.name:<{width}}  {t.train.shape[0]} train blocks ({t.train_tokens:,} tokens), "
+            f"{t.eval.shape[0]} eval blocks of {exp.run.stream.block_size} tokens"
+        )
+    lines.append(f"objective:  {s.metric} ({s.mode})")
+    lines.append(f"searched:   {len(searched)} hyperparameters")
+    lines += [f"  {n:<{width}}  {_describe_spec(v)}" for n, v in searched.items()]
+    lines.append("fixed:      (from `space` where given there, else from `run`)")
+    for name, path in HYPERPARAMETERS.items():
+        if name in searched:
+            continue
+        value = space[name] if name in space else _leaf(run, path)
+        lines.append(f"  {name:<{width}}  {value!r}")
+    lines.append(f"sampler:    {s.algorithm} (seed {s.seed})")
+    if s.scheduler == "asha":
+        rungs = asha_rungs(s.grace_period, s.reduction_factor, T)
+        where = (
+            f"rungs after task {', '.join(str(r) for r in rungs)}, each keeping the best "
+            f"1/{s.reduction_factor:g} of the trials that reach it"
+            if rungs
+            else "no rung below the last task: every trial runs all tasks"
+        )
+        lines.append(
+            f"scheduler:  asha (max_t {T} tasks, grace_period {s.grace_period}, "
+            f"reduction_factor {s.reduction_factor:g}): {where}"
+        )
+    else:
+        lines.append(f"scheduler:  fifo (every trial runs all {T} tasks)")
+    budget = f"{s.time_budget_s:g} s" if s.time_budget_s is not None else "none"
+    lines.append(
+        f"trials:     {s.num_samples} ({s.max_concurrent} at once), time budget {budget}, "
+        f"retries per failed trial {s.max_failures}"
+    )
+    r = exp.resources
+    lines.append(f"resources:  {r.cpus_per_trial:g} CPU, {r.gpus_per_trial:g} GPU per trial")
+    local = local_results_dir(exp)
+    results = local if local is not None else f"{exp.storage_path.rstrip('/')}/{exp.name}"
+    lines.append(f"results:    {results} (Ray Tune trials and checkpoints)")
+    lines.append(f"optuna:     sqlite:///{optuna_storage_file(exp)} (study {exp.name!r})")
+    model_name = exp.tracking.registered_model_name or f"adaptune-{exp.name}"
+    lines.append(
+        f"mlflow:     {resolve_tracking_uri(exp.tracking.tracking_uri, create=False)} "
+        f"(experiment {exp.tracking.experiment_name or exp.name!r}, "
+        f"champion models:/{model_name}@{CHAMPION_ALIAS})"
+    )
+    return "\n".join(lines)
+
+
+def _leaf(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = data
+    for part in path:
+        node = node[part]
+    return node
+
+
 def build_tuner(
     exp: Experiment,
     prep_tasks: list[Any] | None = None,
     *,
     callback: MlflowTrackingCallback | None = None,
     searcher: ContinualOptunaSearch | None = None,
-    max_failures: int = 0,
+    max_failures: int | None = None,
+    trainable: Callable[[dict[str, Any]], None] | None = None,
 ) -> Any:
     """The ``ray.tune.Tuner`` for ``exp`` (call :func:`check_search` first).
 
@@ -172,7 +269,10 @@ def build_tuner(
         prep_tasks: the prepared tasks (only their number is used; default: the config's).
         callback: the MLflow callback (default: a new one for ``exp``).
         searcher: the Optuna searcher (default: seeded sampler, sqlite study).
-        max_failures: retries of a crashed trial from its last checkpoint.
+        max_failures: retries of a failed trial from its last checkpoint
+            (default: ``exp.search.max_failures``).
+        trainable: the function trainable (default:
+            :func:`trainables.trainable.continual_trainable`; tests pass one that injects faults).
     """
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -180,6 +280,8 @@ def build_tuner(
     from trainables.trainable import continual_trainable
 
     s = exp.search
+    trainable = trainable or continual_trainable
+    max_failures = s.max_failures if max_failures is None else max_failures
     T = len(prep_tasks) if prep_tasks is not None else len(exp.run.stream.tasks)
     if s.scheduler == "asha" and T != len(exp.run.stream.tasks):
         raise ConfigError(f"ASHA max_t ({T}) must equal the stream length")
@@ -215,7 +317,7 @@ def build_tuner(
         max_column_length=14,
     )
     return tune.Tuner(
-        tune.with_resources(continual_trainable, resources),
+        tune.with_resources(trainable, resources),
         param_space=build_param_space(exp),
         tune_config=tune.TuneConfig(
             metric=s.metric,
@@ -436,8 +538,9 @@ def run_search(
     address: str | None = None,
     num_cpus: int | None = None,
     log_to_driver: bool = True,
-    max_failures: int = 0,
+    max_failures: int | None = None,
     echo: Callable[[str], None] = print,
+    trainable: Callable[[dict[str, Any]], None] | None = None,
 ) -> SearchSummary:
     """Check, launch, fit and publish one search.
 
@@ -446,8 +549,10 @@ def run_search(
         address: an existing Ray cluster (``ray://`` or ``host:port``); default: a local one.
         num_cpus: CPUs of the local cluster (default: all).
         log_to_driver: stream trial output to this process.
-        max_failures: retries of a crashed trial from its last checkpoint.
+        max_failures: retries of a failed trial from its last checkpoint
+            (default: ``exp.search.max_failures``).
         echo: where progress lines go.
+        trainable: the function trainable (default: ``continual_trainable``).
 
     Raises:
         ConfigError: a bad experiment, before Ray starts or anything is written.
@@ -495,7 +600,12 @@ def run_search(
         f"objective {exp.search.metric} ({exp.search.mode}); scheduler {exp.search.scheduler}"
     )
     tuner = build_tuner(
-        exp, prep.tasks, callback=callback, searcher=searcher, max_failures=max_failures
+        exp,
+        prep.tasks,
+        callback=callback,
+        searcher=searcher,
+        max_failures=max_failures,
+        trainable=trainable,
     )
     callback.start_parent()
     try:

@@ -1,23 +1,78 @@
 """``adaptune ui``: serve the MLflow UI for the tracking store, on 127.0.0.1 by default.
 
-MLflow 3's UI opens an experiment on its GenAI overview page; the URL printed here goes straight
-to the "Model training" runs table (``workflowType=machine_learning``), sorted by the objective.
+It starts ``mlflow server`` on the store and prints (``--open``: also opens) one URL: the
+"Model training" runs table of the search's MLflow experiment, every trial sorted by the
+objective, with the objective's column shown. How that URL gets there, found by driving MLflow
+3.17's UI in headless Chromium (``tests/test_ui_browser.py`` checks it):
+
+- ``#/experiments/<id>`` opens the GenAI overview; ``?workflowType=machine_learning`` turns it
+  into a redirect to the runs table that drops every other query parameter. So the URL names the
+  runs tab itself: ``#/experiments/<id>/runs?workflowType=machine_learning``.
+- The run table's URL parameters are only the search facets (``searchFilter``, ``orderByKey``,
+  ``orderByAsc``, ``startTime``, ``lifecycleFilter``, ``modelVersionFilter``,
+  ``datasetsFilter``). Everything else -- which metric, param and tag columns are shown,
+  which parent runs are expanded -- is UI state kept in the browser's localStorage, per
+  experiment; metric columns start hidden. ``orderByKey`` alone sorts by a column nobody sees.
+- MLflow's own "share view" feature carries the UI state in the store: an experiment tag
+  ``mlflow.sharedViewState.<key>`` holding the state as JSON, opened by
+  ``?viewStateShareKey=<key>`` (and only when no facet is in the URL). ``adaptune ui`` writes
+  that tag (idempotently: the key is a hash of the state) with the sort (objective, best first)
+  and the columns: the objective and the other headline metrics, the searched hyperparameters,
+  and the tags ``adaptune.kind`` (``search`` = the parent run, ``trial`` = a child) and
+  ``adaptune.tasks_done`` (fewer than the stream's tasks = stopped early by ASHA). The page shows
+  a "You're viewing a shared view" banner; the user's own changes then stay in their browser.
+  Where the tag cannot be written the URL falls back to ``orderByKey``/``orderByAsc``.
+- Sorted by anything but the start time, MLflow lists parent and child runs flat (it nests
+  children under a collapsed parent only in start-time order, and the shared state may not carry
+  ``runsExpanded``). Flat is what a search needs: every trial in objective order; the parent run,
+  which has no objective value, is the last row.
+
+``mlflow server`` runs with ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`` unless set: the job
+runner (four more processes, for GenAI evaluation jobs) has nothing to do for a search.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlencode
 
 from trainables.errors import ConfigError
+
+# Tags written by search/tracking.py (not imported: that module pulls in Ray).
+KIND_TAG = "adaptune.kind"
+TASKS_DONE_TAG = "adaptune.tasks_done"
+PARENT_TAG = "mlflow.parentRunId"
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+# Shown beside the objective when the trials report them (see docs/metrics.md).
+HEADLINE_METRICS = ("stream_loss", "seen_loss", "new_task_loss", "forgetting")
+DEFAULT_STORE = "sqlite:///runs/mlflow.db"
+
+
+@dataclass(frozen=True)
+class SearchView:
+    """What the printed URL shows: one experiment's runs, sorted by ``metric``."""
+
+    experiment_id: str
+    experiment_name: str
+    metric: str
+    mode: str
+    parent_run_id: str | None
+    params: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -28,20 +83,130 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
-def experiment_url(base: str, experiment_id: str, metric: str, mode: str) -> str:
-    """The runs table of one MLflow experiment, sorted by ``metric`` (best first)."""
-    query = urlencode(
-        {
-            "workflowType": "machine_learning",
-            "orderByKey": f"metrics.`{metric}`",
-            "orderByAsc": "true" if mode == "min" else "false",
-        },
-        quote_via=quote,
+def _col(kind: str, key: str) -> str:
+    """A run-table column id as MLflow's UI spells it: ``metrics.`stream_loss```."""
+    return f"{kind}.`{key}`"
+
+
+def view_state(view: SearchView) -> dict[str, Any]:
+    """The run table's state for ``view``: sort by the objective, best first; its columns."""
+    metrics = [view.metric, *(m for m in view.metrics if m != view.metric)]
+    columns = [_col("metrics", m) for m in metrics]
+    columns += [_col("params", p) for p in view.params]
+    columns += [_col("tags", KIND_TAG), _col("tags", TASKS_DONE_TAG)]
+    return {
+        "orderByKey": _col("metrics", view.metric),
+        "orderByAsc": view.mode == "min",
+        "selectedColumns": columns,
+    }
+
+
+def share_key(state: dict[str, Any]) -> str:
+    """A stable key for ``state``: the same view reuses one experiment tag."""
+    digest = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    return f"adaptune-{digest[:16]}"
+
+
+def runs_url(base: str, experiment_id: str, **query: str) -> str:
+    """The "Model training" runs table of one experiment, with extra query parameters."""
+    params = urlencode({"workflowType": "machine_learning", **query}, quote_via=quote)
+    return f"{base}/#/experiments/{experiment_id}/runs?{params}"
+
+
+def sorted_url(base: str, view: SearchView) -> str:
+    """Fallback without the shared view: sorted by the objective, its column left hidden."""
+    return runs_url(
+        base,
+        view.experiment_id,
+        orderByKey=_col("metrics", view.metric),
+        orderByAsc="true" if view.mode == "min" else "false",
     )
-    return f"{base}/#/experiments/{experiment_id}?{query}"
 
 
-def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
+def publish_view(client: Any, view: SearchView) -> str:
+    """Store the view as an MLflow shared view state; returns its ``viewStateShareKey``."""
+    state = view_state(view)
+    key = share_key(state)
+    client.set_experiment_tag(view.experiment_id, SHARED_VIEW_PREFIX + key, json.dumps(state))
+    return key
+
+
+def _latest_search(client: Any, experiment_ids: list[str]) -> Any | None:
+    """The most recent adaptune parent run among ``experiment_ids``."""
+    if not experiment_ids:
+        return None
+    runs = client.search_runs(
+        experiment_ids,
+        filter_string=f"tags.`{KIND_TAG}` = 'search'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def find_view(
+    client: Any, experiment_name: str | None, metric: str | None, mode: str | None
+) -> SearchView | None:
+    """The search to show: in ``experiment_name``, else the latest search in the store."""
+    if experiment_name is not None:
+        found = client.get_experiment_by_name(experiment_name)
+        if found is None:
+            return None
+        experiments = [found]
+    else:
+        experiments = list(client.search_experiments())
+    parent = _latest_search(client, [str(e.experiment_id) for e in experiments])
+    if parent is None:
+        if experiment_name is None:
+            return None
+        experiment_id, parent_params = str(experiments[0].experiment_id), {}
+    else:
+        experiment_id, parent_params = parent.info.experiment_id, parent.data.params
+    name = next(e.name for e in experiments if str(e.experiment_id) == str(experiment_id))
+    metric = metric or parent_params.get("search.metric", "stream_loss")
+    mode = mode or parent_params.get("search.mode", "min")
+    params: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    if parent is not None:
+        children = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=20,
+        )
+        params = tuple(sorted({p for c in children for p in c.data.params}))
+        reported = {m for c in children for m in c.data.metrics}
+        metrics = tuple(m for m in HEADLINE_METRICS if m in reported)
+    return SearchView(
+        experiment_id=str(experiment_id),
+        experiment_name=name,
+        metric=metric,
+        mode=mode,
+        parent_run_id=parent.info.run_id if parent is not None else None,
+        params=params,
+        metrics=metrics,
+    )
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail before starting anything when ``host:port`` is taken (another server would answer)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise ConfigError(
+                f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); "
+                "pick another port, or --port 0 for a free one"
+            ) from None
+
+
+def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -51,66 +216,122 @@ def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     raise RuntimeError(f"the MLflow server did not answer at {url} within {timeout:.0f}s")
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
-    import mlflow
+def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """Stop ``mlflow server`` and the uvicorn process it started (its own process group)."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    experiment_name = metric = mode = None
     tracking_uri = args.tracking_uri
-    url_path = ""
     if args.experiment:
         from search.experiment import load_experiment
 
         exp = load_experiment(args.experiment)
         tracking_uri = tracking_uri or exp.tracking.tracking_uri
-        name = exp.tracking.experiment_name or exp.name
+        experiment_name = exp.tracking.experiment_name or exp.name
         metric, mode = exp.search.metric, exp.search.mode
-    tracking_uri = resolve_tracking_uri(tracking_uri or "sqlite:///runs/mlflow.db")
+    tracking_uri = resolve_tracking_uri(tracking_uri or DEFAULT_STORE)
+    if tracking_uri.startswith(("http://", "https://", "databricks")):
+        raise ConfigError(
+            f"--tracking-uri: {tracking_uri} is already served by an MLflow server; open it there"
+        )
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         if not db.is_file():
             raise ConfigError(f"--tracking-uri: no MLflow store at {db}; run a search first")
-    base = f"http://{args.host}:{args.port}"
-    if args.experiment:
-        found = mlflow.MlflowClient(tracking_uri).get_experiment_by_name(name)
-        if found is None:
-            raise ConfigError(f"{args.experiment}: no MLflow experiment named {name!r} yet")
-        url_path = experiment_url(base, found.experiment_id, metric, mode)
+    port = args.port if args.port else free_port(args.host)
+    check_port(args.host, port)
+    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
+    base = f"http://{shown_host}:{port}"
+
+    client = MlflowClient(tracking_uri)
+    view = find_view(client, experiment_name, metric, mode)
+    if view is None and experiment_name is not None:
+        raise ConfigError(f"{args.experiment}: no MLflow experiment named {experiment_name!r} yet")
+    url = base
+    if view is not None:
+        try:
+            url = runs_url(base, view.experiment_id, viewStateShareKey=publish_view(client, view))
+        except Exception as err:  # noqa: BLE001 - a read-only store still gets a sorted table
+            print(f"adaptune ui: could not store the table's view ({err}); columns stay hidden",
+                  file=sys.stderr)
+            url = sorted_url(base, view)
+
     cmd = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", tracking_uri,
         "--host", args.host,
-        "--port", str(args.port),
+        "--port", str(port),
         "--workers", "1",
+        # one line per request would bury the printed URL; errors are still logged
+        "--uvicorn-opts", "--no-access-log",
     ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    proc = subprocess.Popen(cmd, env=env)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # SIGTERM (e.g. from a test or a service manager) must stop the server too, not orphan it
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        previous = signal.signal(signal.SIGTERM, _sigterm)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         wait_until_up(base, proc)
-        print(f"MLflow UI: {url_path or base}", flush=True)
+        if view is not None:
+            parent = f", parent run {view.parent_run_id}" if view.parent_run_id else ""
+            print(f"experiment {view.experiment_name!r}: trials sorted by {view.metric} "
+                  f"({view.mode}){parent}", flush=True)
+        print(f"MLflow UI: {url}", flush=True)
+        print("Ctrl-C stops the server.", flush=True)
         if args.open:
             import webbrowser
 
-            webbrowser.open(url_path or base)
+            webbrowser.open(url)
         return proc.wait()
     except KeyboardInterrupt:
         return 0
+    except RuntimeError as err:  # the server did not start: say so in one line
+        print(f"adaptune ui: error: {err}", file=sys.stderr)
+        return 1
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    ui = sub.add_parser("ui", help="serve the MLflow UI for the tracking store")
-    ui.add_argument("experiment", nargs="?", help="experiment YAML: print the URL of its trials")
-    ui.add_argument("--tracking-uri", default=None, help="default: the experiment's, or runs/")
+    ui = sub.add_parser(
+        "ui",
+        help="serve the MLflow UI for the tracking store (127.0.0.1); print the trials' URL",
+        description="Serve the MLflow UI for the tracking store and print the URL of the "
+        "search's trials, sorted by the objective, with its column shown.",
+    )
+    ui.add_argument("experiment", nargs="?",
+                    help="experiment YAML: its store and experiment (default: the latest search "
+                    "in runs/mlflow.db)")
+    ui.add_argument("--tracking-uri", default=None,
+                    help=f"MLflow store (default: the experiment's, else {DEFAULT_STORE})")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    ui.add_argument("--port", type=int, default=5000)
-    ui.add_argument("--open", action="store_true", help="open the URL in a browser")
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000; 0 = a free one)")
+    ui.add_argument("--open", action="store_true", help="also open the URL in a browser")
     ui.set_defaults(func=cmd_ui)

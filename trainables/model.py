@@ -44,7 +44,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     except Exception as err:  # noqa: BLE001 - OSError, ValueError, hub errors: all unloadable
         raise ConfigError(
             f"run.model.{'tokenizer' if cfg.tokenizer else 'name'}: cannot load tokenizer "
-            f"{name!r} ({_first_line(err)}); valid values: {TINY!r}, a local path, or a hub "
+            f"{name!r} ({_why(name, err)}); valid values: {TINY!r}, a local path, or a hub "
             "name reachable from this machine"
         ) from None
     if tok.eos_token_id is None and tok.sep_token_id is not None:
@@ -55,6 +55,14 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _why(name: str, err: BaseException) -> str:
+    """Why ``name`` did not load. A local path that does not exist says so: transformers would
+    report it as a malformed hub repo id."""
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        return "no such local directory"
+    return _first_line(err)
 
 
 def build_model(cfg: ModelConfig, tokenizer: Any) -> nn.Module:
@@ -90,7 +98,7 @@ def build_model(cfg: ModelConfig, tokenizer: Any) -> nn.Module:
         )
     except Exception as err:  # noqa: BLE001
         raise ConfigError(
-            f"run.model.name: cannot load causal LM {cfg.name!r} ({_first_line(err)}); valid "
+            f"run.model.name: cannot load causal LM {cfg.name!r} ({_why(cfg.name, err)}); valid "
             f"values: {TINY!r}, a local path, or a hub name reachable from this machine"
         ) from None
 
@@ -112,7 +120,7 @@ def check_model_loadable(cfg: ModelConfig) -> Any:
         )
     except Exception as err:  # noqa: BLE001
         raise ConfigError(
-            f"run.model.name: cannot load causal LM {cfg.name!r} ({_first_line(err)}); valid "
+            f"run.model.name: cannot load causal LM {cfg.name!r} ({_why(cfg.name, err)}); valid "
             f"values: {TINY!r}, a local path, or a hub name reachable from this machine"
         ) from None
 

@@ -62,8 +62,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     Raises:
         ConfigError: naming the field, the rule and the valid values.
     """
+    config = check_model_loadable(cfg.model)  # before the tokenizer: a bad name is the model
     tokenizer = load_tokenizer(cfg.model)
-    config = check_model_loadable(cfg.model)
     limit = cfg.model.n_positions if config is None else context_length(config)
     if limit is not None and cfg.stream.block_size > limit:
         where = "run.model.n_positions" if config is None else f"the context of {cfg.model.name}"
