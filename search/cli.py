@@ -113,13 +113,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         from trainables.run import prepare
 
         with naming_file(args.experiment):
-            check_search(exp)
+            check_search(exp, resume=args.resume)
             prep = prepare(exp.run)
         print(describe_search(exp, prep))
         return 0
     start = time.perf_counter()
     with naming_file(args.experiment):
-        summary = run_search(exp, address=args.address)
+        summary = run_search(exp, address=args.address, resume=args.resume)
+    if summary.interrupted:
+        print(f"adaptune: search {exp.name} interrupted; continue it with "
+              f"`adaptune search {args.experiment} --resume` (same --set/--name)", file=sys.stderr)
+        return 130
     shown = summary.rows[: args.top]
     print(f"\nsearch {exp.name}: {len(summary.rows)} trials in {time.perf_counter() - start:.0f}s "
           f"(best {len(shown)} shown; objective {exp.search.metric}, {exp.search.mode})")
@@ -161,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a hyperparameter (lr=3e-4) or a dotted path (search.num_samples=4)",
     )
     search.add_argument("--name", help="search name (default: the experiment's name)")
+    search.add_argument("--resume", action="store_true",
+                        help="continue the interrupted search of this name: finished trials "
+                             "are kept, unfinished ones restart from their last task checkpoint")
     search.add_argument("--address", help="connect to a running Ray cluster (default: start one)")
     search.add_argument("--max-failures", type=int, default=None, metavar="N",
                         help="retry a failed trial N times from its last checkpoint "

@@ -8,6 +8,11 @@ an errored trial as FAIL, and only a trial that ran every task as COMPLETE.
 Optuna parameters carry the run's flat hyperparameter names (``lr``, ``ewc_lambda``), not Tune's
 nested paths (``optim/lr``), so the study, its importances and optuna-dashboard read like the YAML.
 The study lives in persistent storage (sqlite) to survive a restart.
+
+On a resumed search (``Tuner.restore``) Tune restores this searcher from its last experiment
+snapshot, which can be behind the study: the study is written at once, the snapshot every few
+seconds. :meth:`ContinualOptunaSearch.restore` reconciles the two (see there), so the study ends
+with exactly one Optuna trial per Tune trial and no trial is told twice.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class ContinualOptunaSearch(OptunaSearch):
         self._max_t = max_t
         self._step_key = step_key
         self._reported: dict[str, set[int]] = {}
+        self._orphans: list[int] = []  # study trial numbers asked for but unknown to Tune
         super().__init__(**kwargs)
 
     @property
@@ -61,6 +67,8 @@ class ContinualOptunaSearch(OptunaSearch):
         return {_BY_PATH.get(path, path): dist for path, dist in converted.items()}
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if trial_id not in self._ot_trials and self._orphans:
+            self._adopt_orphan(trial_id)
         flat = super().suggest(trial_id)
         if not isinstance(flat, dict):
             return flat  # None or Searcher.FINISHED
@@ -95,8 +103,65 @@ class ContinualOptunaSearch(OptunaSearch):
                 super().on_trial_complete(trial_id, result=result)  # COMPLETE, final value
                 return
         state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
-        self.study.tell(self._ot_trials[trial_id], state=state)
+        self.study.tell(self._ot_trials[trial_id], state=state, skip_if_finished=True)
         self._completed_trials.add(trial_id)
+
+    # -- resume -------------------------------------------------------------------------------
+    def restore(self, checkpoint_path: str) -> None:
+        """Restore Tune's snapshot of this searcher, then reconcile it with the study.
+
+        A driver killed between a study write and Tune's next snapshot leaves the study ahead:
+
+        - a trial the snapshot holds as running may already be finished in the study (its last
+          result was told, the snapshot was not yet written): it is marked completed here, so
+          when Tune finishes it again nothing is told twice;
+        - a trial asked for after the snapshot is RUNNING in the study but unknown to Tune,
+          whose restored counter will ask for that many trials again: each of those asks
+          adopts one such orphan (same study trial, same parameters, user attribute
+          ``adaptune.lost_ray_trial_id``) instead of adding a trial, so the study ends with
+          exactly ``num_samples`` trials. An orphan killed inside ``ask`` (parameters missing)
+          never ran and is told FAIL.
+        """
+        super().restore(checkpoint_path)
+        if self._ot_study is None or self._storage is None:
+            return  # no space yet, or an in-memory study: it was restored with the snapshot
+        in_study = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        known = set()
+        for trial_id, ot_trial in self._ot_trials.items():
+            known.add(ot_trial.number)
+            frozen = in_study.get(ot_trial.number)
+            if frozen is None:
+                continue
+            if frozen.state.is_finished():
+                self._completed_trials.add(trial_id)
+            # tasks reported after the snapshot: a resumed trial reports them again
+            self._reported.setdefault(trial_id, set()).update(frozen.intermediate_values)
+        self._orphans = []
+        for number, frozen in sorted(in_study.items()):
+            if number in known or frozen.state != optuna.trial.TrialState.RUNNING:
+                continue
+            if set(frozen.params) == set(self._space or {}):
+                self._orphans.append(number)
+            else:
+                fail = optuna.trial.TrialState.FAIL
+                self.study.tell(self._trial(number), state=fail, skip_if_finished=True)
+
+    def _adopt_orphan(self, trial_id: str) -> None:
+        storage_id = self._storage_id(self._orphans.pop(0))
+        ot_trial = optuna.Trial(self.study, storage_id)
+        lost = ot_trial.user_attrs.get("ray_trial_id")
+        ot_trial.set_user_attr("adaptune.lost_ray_trial_id", lost)
+        self._ot_trials[trial_id] = ot_trial
+        # the lost run's reports stand (Optuna keeps the first value reported for a step)
+        self._reported[trial_id] = set(self._storage.get_trial(storage_id).intermediate_values)
+
+    def _trial(self, number: int) -> optuna.Trial:
+        """The study's trial ``number`` as an ``optuna.Trial`` that can report and be told."""
+        return optuna.Trial(self.study, self._storage_id(number))
+
+    def _storage_id(self, number: int) -> int:
+        study_id = self._storage.get_study_id_from_name(self.study.study_name)
+        return int(self._storage.get_trial_id_from_study_id_trial_number(study_id, number))
 
     def _report(self, trial_id: str, value: float, step: int) -> None:
         steps = self._reported.setdefault(trial_id, set())

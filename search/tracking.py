@@ -12,6 +12,11 @@ callback runs on the driver, so workers need no MLflow access:
   the scheduler) or FAILED (tag ``adaptune.error`` = the error's type, first line and the task
   where it happened; artifact ``error.txt`` = the traceback). A trial that FailureConfig retries
   keeps its run (tag ``adaptune.failures`` = retries so far).
+- a resumed search (``adaptune search --resume``) reuses the parent run (:meth:`resume_parent`)
+  and every child: tag ``adaptune.starts`` counts the times Ray started a trial (1 unless it was
+  retried or resumed). A trial Ray started but had not yet recorded when the driver died is
+  lost to Ray; its run is adopted by the new trial that re-runs the same Optuna trial (same
+  parameters), or ends KILLED with ``adaptune.error`` saying it was lost.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ TRIAL_TAG = "adaptune.trial_id"
 HASH_TAG = "adaptune.experiment_hash"
 ERROR_TAG = "adaptune.error"  # one line: `Type: message (during task k/T 'name')`
 FAILURES_TAG = "adaptune.failures"  # times Ray retried the trial (FailureConfig)
+STARTS_TAG = "adaptune.starts"  # times Ray started the trial: first start, retries, resumes
+LOST_TAG = "adaptune.lost_trial_id"  # on an adopted run: the Ray trial id it started under
 ERROR_ARTIFACT = "error.txt"  # Ray's error file: every failure with its traceback
 # Ray's bookkeeping values that are numbers but not measurements
 _SKIP = {"loss_matrix", "pid", "timestamp", "done", "should_checkpoint", "trial_id"}
@@ -266,13 +273,23 @@ class MlflowTrackingCallback(Callback):
         self.client.log_text(self.parent_run_id, self.experiment_yaml, "experiment.yaml")
         return self.parent_run_id
 
+    def resume_parent(self, run_id: str) -> str:
+        """Reuse the parent run of an interrupted search (``--resume``); marks it RUNNING."""
+        run = self.client.get_run(run_id)
+        self.parent_run_id, self.experiment_id = run_id, str(run.info.experiment_id)
+        resumes = int(run.data.tags.get("adaptune.resumes", "0")) + 1
+        self.client.set_tag(run_id, "adaptune.resumes", str(resumes))
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
     def end_parent(self, status: str = "FINISHED") -> None:
         if self.parent_run_id is not None:
             self.client.set_terminated(self.parent_run_id, status=status)
 
     # -- children -------------------------------------------------------------------------------
-    def child_run_id(self, trial: Any) -> str:
-        """The trial's child run: cached, else found by tag, else created (exactly once)."""
+    def child_run_id(self, trial: Any, trials: list[Any] | None = None) -> str:
+        """The trial's child run: cached, else found by tag, else adopted from a lost trial
+        (given Ray's ``trials``), else created (exactly once)."""
         trial_id = str(trial.trial_id)
         if trial_id in self._children:
             return self._children[trial_id]
@@ -282,9 +299,12 @@ class MlflowTrackingCallback(Callback):
             filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent}'",
             max_results=1,
         )
+        adopted = self._adopt_lost_run(trial, trials) if not found and trials else None
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
+        elif adopted:
+            run_id = adopted
         else:
             run = self.client.create_run(
                 self.experiment_id,
@@ -296,6 +316,35 @@ class MlflowTrackingCallback(Callback):
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
         self._children[trial_id] = run_id
         return run_id
+
+    def _running_children(self) -> list[Any]:
+        parent = self.start_parent()
+        return list(
+            self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and attributes.status = 'RUNNING'",
+            )
+        )
+
+    def _adopt_lost_run(self, trial: Any, trials: list[Any]) -> str | None:
+        """A RUNNING child whose Ray trial is gone and whose parameters are ``trial``'s.
+
+        A driver killed after Ray started a trial but before Ray's next experiment snapshot
+        leaves that trial's run behind, unknown to the resumed search; the searcher hands the
+        same Optuna trial (same parameters) to a new Ray trial, which takes the run over.
+        """
+        live = {str(t.trial_id) for t in trials}
+        params = {k: str(v) for k, v in searched_params(trial.config, self.param_names).items()}
+        for run in self._running_children():
+            lost = run.data.tags.get(TRIAL_TAG)
+            if lost not in live and run.data.params == params:
+                run_id = run.info.run_id
+                self.client.log_batch(
+                    run_id, tags=[RunTag(TRIAL_TAG, str(trial.trial_id)), RunTag(LOST_TAG, lost)]
+                )
+                self.client.update_run(run_id, name=f"{self.exp.name}-{trial.trial_id}")
+                return str(run_id)
+        return None
 
     def _finish(self, trial: Any, status: str, error: tuple[str, str] | None = None) -> None:
         run_id = self.child_run_id(trial)
@@ -325,7 +374,9 @@ class MlflowTrackingCallback(Callback):
         self.start_parent()
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.child_run_id(trial)
+        run_id = self.child_run_id(trial, trials)
+        starts = int(self.client.get_run(run_id).data.tags.get(STARTS_TAG, "0")) + 1
+        self.client.set_tag(run_id, STARTS_TAG, str(starts))
 
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
@@ -360,3 +411,10 @@ class MlflowTrackingCallback(Callback):
         for run_id in self._children.values():
             if self.client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING):
                 self.client.set_terminated(run_id, status="KILLED")
+        # ... nor runs of trials lost with a killed driver that no resumed trial adopted.
+        live = {str(t.trial_id) for t in trials}
+        for run in self._running_children():
+            if run.data.tags.get(TRIAL_TAG) not in live:
+                why = "lost: the search driver died before Ray recorded this trial"
+                self.client.set_tag(run.info.run_id, ERROR_TAG, why)
+                self.client.set_terminated(run.info.run_id, status="KILLED")

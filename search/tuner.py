@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import io
 import math
 import os
@@ -25,8 +26,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from search.experiment import Experiment, experiment_yaml
+from search.resume import check_search_dir, inspect_search_dir, write_search_info
 from search.searcher import ContinualOptunaSearch, build_searcher
-from search.tracking import MlflowTrackingCallback, searched_params
+from search.tracking import MlflowTrackingCallback, experiment_hash, searched_params
 from spaces import Dist
 from spaces.tune import build_param_space, parse_space
 from trainables.config import HYPERPARAMETERS, RunConfig, format_validation_error
@@ -68,23 +70,39 @@ def local_results_dir(exp: Experiment) -> Path | None:
     return Path(exp.storage_path).expanduser().resolve() / exp.name
 
 
+def search_location(exp: Experiment) -> str:
+    """``<storage_path>/<name>``: an absolute local path, or a URI (s3://, gs://)."""
+    local = local_results_dir(exp)
+    return str(local) if local is not None else f"{exp.storage_path.rstrip('/')}/{exp.name}"
+
+
 def optuna_storage_file(exp: Experiment) -> Path:
     """The Optuna study's sqlite file: beside the Ray results when they are local."""
     local = local_results_dir(exp)
     return local / "optuna.db" if local else Path("runs/optuna").resolve() / f"{exp.name}.db"
 
 
-def check_search(exp: Experiment) -> None:
+def check_search(exp: Experiment, *, resume: bool = False) -> None:
     """Refuse a search that cannot work, before anything starts or is written.
 
+    Args:
+        exp: the experiment.
+        resume: continue the interrupted search in ``<storage_path>/<name>`` instead of
+            starting one there (see :mod:`search.resume`).
+
     Raises:
-        ConfigError: one line naming the field, the rule and the valid values.
+        ConfigError: one line naming the field, the rule and the valid values; for the
+            search directory, what it holds (interrupted or finished search) and whether
+            ``--resume`` or ``--name`` applies.
     """
     s, T = exp.search, len(exp.run.stream.tasks)
     allowed = objective_metrics(exp)
     if s.metric not in allowed:
-        forgetting = s.metric.startswith("forgetting")
-        hint = " (it is 0 after task 1; use stream_loss)" if forgetting else ""
+        near = difflib.get_close_matches(s.metric, list(allowed), n=1)
+        if s.metric.startswith("forgetting"):
+            hint = " (it is 0 after task 1; use stream_loss)"
+        else:
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ConfigError(
             f"search.metric: {s.metric!r} is not an objective the trainable reports{hint}; "
             f"valid values: {', '.join(allowed)}"
@@ -107,12 +125,12 @@ def check_search(exp: Experiment) -> None:
             "(loguniform, uniform, int, choice) or use `adaptune train`"
         )
     _check_space_bounds(exp, space)
-    local = local_results_dir(exp)
-    if local is not None and local.exists() and any(local.iterdir()):
-        raise ConfigError(
-            f"name: {local} already holds a search named {exp.name!r}; pass --name NEW_NAME "
-            "or remove that directory"
-        )
+    check_search_dir(
+        inspect_search_dir(search_location(exp)),
+        name=exp.name,
+        resume=resume,
+        experiment_hash=experiment_hash(experiment_yaml(exp)),
+    )
 
 
 def _check_space_bounds(exp: Experiment, space: dict[str, Any]) -> None:
@@ -311,8 +329,8 @@ def build_tuner(
             "new_task_loss": "new_task_loss",
         },
         max_report_frequency=30,
-        metric=s.metric,
-        mode=s.mode,
+        # no metric/mode here: Tune passes TuneConfig's to the reporter's setup(), which raises
+        # ValueError ("already instantiated with their own metric and mode") when both are set
         sort_by_metric=True,
         max_column_length=14,
     )
@@ -340,6 +358,49 @@ def build_tuner(
     )
 
 
+def restore_tuner(
+    exp: Experiment, *, trainable: Callable[[dict[str, Any]], None] | None = None
+) -> Any:
+    """The interrupted search in ``<storage_path>/<name>`` as a ``ray.tune.Tuner`` to fit again.
+
+    ``Tuner.restore`` brings back what :func:`build_tuner` pickled in ``tuner.pkl`` (searcher,
+    scheduler, callbacks with the MLflow parent run id, run config) and, from the latest
+    experiment snapshot, every trial with its last checkpoint and the searcher's state (the
+    Optuna study reopens from its sqlite file). Finished and errored trials stay as they are;
+    unfinished ones restart from their last task checkpoint (``tune.get_checkpoint()`` in the
+    trainable). The trainable itself is not pickled and is passed again.
+    """
+    from ray import tune
+
+    from trainables.trainable import continual_trainable
+
+    resources = {"cpu": exp.resources.cpus_per_trial, "gpu": exp.resources.gpus_per_trial}
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the pickled CLIReporter needs the classic engine
+    return tune.Tuner.restore(
+        search_location(exp),
+        trainable=tune.with_resources(trainable or continual_trainable, resources),
+        resume_unfinished=True,
+        resume_errored=False,
+        restart_errored=False,
+        param_space=build_param_space(exp),  # checked against the original's keys
+    )
+
+
+def close_dangling_trials(study: Any) -> int:
+    """Tell FAIL every trial still RUNNING in ``study`` after a search ended; returns how many.
+
+    After ``fit()`` returns every Tune trial has told the study its end. A trial still running
+    there was asked for by a driver that died before Tune recorded it, and no resumed trial
+    adopted it (the time budget ran out first); it never finished.
+    """
+    import optuna
+
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in running:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+    return len(running)
+
+
 @dataclass
 class TrialRow:
     trial_id: str
@@ -358,6 +419,7 @@ class SearchSummary:
     model_uri: str | None = None  # models:/NAME@champion
     model_version: str | None = None
     notes: list[str] = field(default_factory=list)
+    interrupted: bool = False  # stopped before every trial ended (Ctrl-C): resume with --resume
 
 
 def trial_rows(exp: Experiment, results: Any) -> list[TrialRow]:
@@ -541,8 +603,9 @@ def run_search(
     max_failures: int | None = None,
     echo: Callable[[str], None] = print,
     trainable: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
 ) -> SearchSummary:
-    """Check, launch, fit and publish one search.
+    """Check, launch (or resume), fit and publish one search.
 
     Args:
         exp: the experiment (from :func:`search.experiment.load_experiment`).
@@ -553,13 +616,18 @@ def run_search(
             (default: ``exp.search.max_failures``).
         echo: where progress lines go.
         trainable: the function trainable (default: ``continual_trainable``).
+        resume: continue the interrupted search of this name (:func:`restore_tuner`) with
+            its MLflow parent run and Optuna study; ``max_failures`` then comes from the
+            interrupted search.
 
     Raises:
-        ConfigError: a bad experiment, before Ray starts or anything is written.
+        ConfigError: a bad experiment, or a search directory that does not fit ``resume``
+            (see :func:`search.resume.check_search_dir`), before Ray starts or anything is
+            written.
     """
     from trainables.run import prepare
 
-    check_search(exp)
+    check_search(exp, resume=resume)
     prep = prepare(exp.run)  # data and model checks, before anything is written
     names = [t.name for t in prep.tasks]
 
@@ -577,37 +645,69 @@ def run_search(
         ray.init(**kwargs)
         started = True
 
+    location = search_location(exp)
+    storage_url = f"sqlite:///{optuna_storage_file(exp)}"
+    searcher: ContinualOptunaSearch | None = None  # a resumed search's lives in the Tuner
+    study: Any = None  # the Optuna study
     callback = MlflowTrackingCallback(
         exp,
         experiment_yaml=experiment_yaml(exp),
         extra_tags={
-            "adaptune.optuna_storage": f"sqlite:///{optuna_storage_file(exp)}",
+            "adaptune.optuna_storage": storage_url,
             "adaptune.optuna_study": exp.name,
+            "adaptune.search_dir": location,
         },
     )
-    searcher = build_searcher(
-        study_name=exp.name,
-        storage_file=optuna_storage_file(exp),
-        metric=exp.search.metric,
-        mode=exp.search.mode,
-        max_t=len(names),
-        algorithm=exp.search.algorithm,
-        seed=exp.search.seed,
-    )
-    echo(
-        f"adaptune search {exp.name}: {exp.search.num_samples} trials over "
-        f"{', '.join(callback.param_names)}; {len(names)} tasks ({', '.join(names)}); "
-        f"objective {exp.search.metric} ({exp.search.mode}); scheduler {exp.search.scheduler}"
-    )
-    tuner = build_tuner(
-        exp,
-        prep.tasks,
-        callback=callback,
-        searcher=searcher,
-        max_failures=max_failures,
-        trainable=trainable,
-    )
-    callback.start_parent()
+    if resume:
+        # Ray restores its own copy of the callback from tuner.pkl, which holds this parent
+        # run id; this copy logs the summary and the champion on the same run.
+        callback.resume_parent(inspect_search_dir(location).info["parent_run_id"])
+        write_search_info(location, state="running")
+        import optuna
+
+        study = optuna.load_study(study_name=exp.name, storage=storage_url)
+        done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+        echo(
+            f"adaptune search {exp.name}: resuming ({done} of {exp.search.num_samples} trials "
+            f"finished) from {location}; MLflow parent run {callback.parent_run_id}"
+        )
+        tuner = restore_tuner(exp, trainable=trainable)
+    else:
+        searcher = build_searcher(
+            study_name=exp.name,
+            storage_file=optuna_storage_file(exp),
+            metric=exp.search.metric,
+            mode=exp.search.mode,
+            max_t=len(names),
+            algorithm=exp.search.algorithm,
+            seed=exp.search.seed,
+        )
+        echo(
+            f"adaptune search {exp.name}: {exp.search.num_samples} trials over "
+            f"{', '.join(callback.param_names)}; {len(names)} tasks ({', '.join(names)}); "
+            f"objective {exp.search.metric} ({exp.search.mode}); "
+            f"scheduler {exp.search.scheduler}"
+        )
+        # The parent run exists before the Tuner pickles the callback (tuner.pkl), so a
+        # resumed search logs to the same run.
+        callback.start_parent()
+        write_search_info(
+            location,
+            name=exp.name,
+            state="running",
+            experiment_hash=experiment_hash(callback.experiment_yaml),
+            parent_run_id=callback.parent_run_id,
+            tracking_uri=callback.tracking_uri,
+            optuna_storage=storage_url,
+        )
+        tuner = build_tuner(
+            exp,
+            prep.tasks,
+            callback=callback,
+            searcher=searcher,
+            max_failures=max_failures,
+            trainable=trainable,
+        )
     try:
         results = tuner.fit()
     except BaseException:
@@ -620,12 +720,22 @@ def run_search(
     rows = trial_rows(exp, results)
     summary = SearchSummary(rows=rows, parent_run_id=callback.start_parent(),
                             tracking_uri=callback.tracking_uri)
-    _log_summary(callback, exp, rows, searcher.study, summary.notes)
+    if results.num_terminated + results.num_errors < len(results):  # Ctrl-C: Tune returned early
+        summary.interrupted = True
+        callback.end_parent("KILLED")
+        return summary
+    if searcher is not None:
+        study = searcher.study
+    dangling = close_dangling_trials(study)
+    if dangling:
+        summary.notes.append(f"{dangling} Optuna trial(s) lost with a killed driver: told FAIL")
+    _log_summary(callback, exp, rows, study, summary.notes)
     best = next((r for r in rows if r.status == "complete" and r.value is not None), None)
     summary.best = best
     if best is None:
         summary.notes.append("no trial ran every task: nothing registered")
         callback.end_parent("FAILED")
+        write_search_info(location, state="finished")
         return summary
     result = next(r for r in results if (r.metrics or {}).get("trial_id") == best.trial_id)
     if result.checkpoint is None:
@@ -636,4 +746,5 @@ def run_search(
         )
     callback.client.log_metric(summary.parent_run_id, f"best/{exp.search.metric}", best.value)
     callback.end_parent("FINISHED")
+    write_search_info(location, state="finished")
     return summary

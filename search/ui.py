@@ -17,10 +17,11 @@ objective, with the objective's column shown. How that URL gets there, found by 
   ``mlflow.sharedViewState.<key>`` holding the state as JSON, opened by
   ``?viewStateShareKey=<key>`` (and only when no facet is in the URL). ``adaptune ui`` writes
   that tag (idempotently: the key is a hash of the state) with the sort (objective, best first)
-  and the columns: the objective and the other headline metrics, the searched hyperparameters,
-  and the tags ``adaptune.kind`` (``search`` = the parent run, ``trial`` = a child) and
-  ``adaptune.tasks_done`` (fewer than the stream's tasks = stopped early by ASHA). The page shows
-  a "You're viewing a shared view" banner; the user's own changes then stay in their browser.
+  and the columns, in this order: the objective, the other headline metrics, the searched
+  hyperparameters, and the tags ``adaptune.kind`` (``search`` = the parent run, ``trial`` = a
+  child) and ``adaptune.tasks_done`` (fewer than the stream's tasks = stopped early by ASHA).
+  The page shows a "You're viewing a shared view" banner; the user's own changes then stay in
+  their browser.
   Where the tag cannot be written the URL falls back to ``orderByKey``/``orderByAsc``.
 - Sorted by anything but the start time, MLflow lists parent and child runs flat (it nests
   children under a collapsed parent only in start-time order, and the shared state may not carry
@@ -98,6 +99,7 @@ def view_state(view: SearchView) -> dict[str, Any]:
         "orderByKey": _col("metrics", view.metric),
         "orderByAsc": view.mode == "min",
         "selectedColumns": columns,
+        "columnOrder": columns,  # else metrics sort by name; the objective comes first
     }
 
 

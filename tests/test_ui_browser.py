@@ -131,6 +131,7 @@ def test_view_state_sorts_by_the_objective_and_shows_its_column() -> None:
     assert state["selectedColumns"][:3] == [
         "metrics.`stream_loss`", "metrics.`seen_loss`", "params.`lr`",
     ]
+    assert state["columnOrder"] == state["selectedColumns"]  # the objective first, not by name
     assert view_state(SearchView("7", "e", "bwt", "max", None))["orderByAsc"] is False
     assert share_key(state) == share_key(view_state(view))  # one tag per view, not per call
 
@@ -176,7 +177,7 @@ def test_ui_shows_the_search_trials_sorted_by_the_objective(tmp_path: Path) -> N
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:
-                page = browser.new_page(viewport={"width": 1600, "height": 760})
+                page = browser.new_page(viewport={"width": 1600, "height": 560})
                 page.set_default_timeout(30_000)
                 # MLflow's assistant side panel opens itself on a browser's first visit; mark it
                 # as seen so the screenshot shows the table at full width.
@@ -209,8 +210,15 @@ def test_ui_shows_the_search_trials_sorted_by_the_objective(tmp_path: Path) -> N
                 assert sorted(rows, key=rows.get) == expected
                 assert objective(parent_row) == "-"  # the parent has no objective: last row
                 assert parent_row == max(rows.values()) + 1
-                for column in ("params.`lr`", "params.`buffer_size`", "tags.`adaptune.kind`"):
-                    expect(page.locator(f'[role=columnheader][col-id="{column}"]')).to_be_visible()
+                def x_of(column: str) -> float:
+                    found = page.locator(f'[role=columnheader][col-id="{column}"]')
+                    expect(found).to_be_visible()
+                    return float((found.bounding_box() or {"x": -1.0})["x"])
+
+                columns = ["metrics.`stream_loss`", "metrics.`seen_loss`", "metrics.`forgetting`",
+                           "params.`buffer_size`", "params.`lr`", "tags.`adaptune.kind`"]
+                xs = [x_of(c) for c in columns]
+                assert xs == sorted(xs), "the objective first, then metrics, params, tags"
 
                 shot = tmp_path / "mlflow-ui.png"
                 page.screenshot(path=str(shot))

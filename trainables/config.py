@@ -11,6 +11,7 @@ in MLflow params and in the docs (``lr``, ``buffer_size``, ``ewc_lambda``, ``dis
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -167,16 +168,21 @@ def format_validation_error(err: ValidationError, *, prefix: str = "", source: s
     kind = first["type"]
     model = _model_at(err.title, first["loc"]) if kind == "extra_forbidden" else None
     if kind == "extra_forbidden":
-        valid = ", ".join(model.model_fields) if model is not None else "see docs"
-        msg = f"unknown key; valid keys: {valid}"
+        valid = list(model.model_fields) if model is not None else []
+        near = difflib.get_close_matches(str(first["loc"][-1]), valid, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        msg = f"unknown key{hint}; valid keys: {', '.join(valid) or 'see docs'}"
     elif kind == "missing":
         msg = "required field is missing"
     else:
         msg = first["msg"].removeprefix("Value error, ")
         if kind == "literal_error":
             msg = msg.replace("Input should be", "must be one of")
-        if "input" in first and not isinstance(first["input"], dict | list):
-            msg += f" (got {first['input']!r})"
+        value = first.get("input")
+        if "input" in first and not isinstance(value, dict | list):
+            msg += f" (got {value!r})"
+        elif isinstance(value, dict | list) and kind.endswith(("_type", "_parsing")):
+            msg += f" (got a {'list' if isinstance(value, list) else 'mapping'})"
     head = f"{source}: " if source else ""
     return f"{head}{loc}: {msg}"
 

@@ -30,7 +30,13 @@ def continual_trainable(config: dict[str, Any]) -> None:
 
         # float results depend on both: `adaptune export` pins them to reproduce the trial
         used = {"threads": torch.get_num_threads(), "cuda": int(pick_device(cfg).type == "cuda")}
-        tune.report(metrics | used, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        # `done` on the last task makes Tune stop the trial in the same step that records its
+        # checkpoint, so the experiment snapshot never shows a finished trial as running (which
+        # a resumed search would start again).
+        done = {"done": True} if metrics["task_index"] == len(prep.tasks) else {}
+        tune.report(
+            metrics | used | done, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir))
+        )
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
