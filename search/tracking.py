@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import subprocess
 import time
 import traceback
@@ -44,6 +45,7 @@ FAILURES_TAG = "adaptune.failures"  # times Ray retried the trial (FailureConfig
 STARTS_TAG = "adaptune.starts"  # times Ray started the trial: first start, retries, resumes
 LOST_TAG = "adaptune.lost_trial_id"  # on an adopted run: the Ray trial id it started under
 ERROR_ARTIFACT = "error.txt"  # Ray's error file: every failure with its traceback
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Ray's bookkeeping values that are numbers but not measurements
 _SKIP = {"loss_matrix", "pid", "timestamp", "done", "should_checkpoint", "trial_id"}
 
@@ -164,7 +166,7 @@ def _trial_traceback(trial: Any, exc: BaseException | None) -> str:
     """Ray's ``error.txt`` (every failure of the trial, each with its remote traceback)."""
     path = getattr(trial, "error_file", None)
     if path and Path(path).is_file():
-        return Path(path).read_text(errors="replace")
+        return _ANSI.sub("", Path(path).read_text(errors="replace"))  # Ray colours the header
     if exc is not None:
         return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return "unknown error\n"

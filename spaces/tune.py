@@ -12,10 +12,11 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from spaces import Dist, Spec, check_space
-from trainables.config import HYPERPARAMETERS
+from trainables.config import HYPERPARAMETERS, with_absolute_paths
 
 # Literature ranges (see docs: DESIGN.md "Hyperparameter ranges"). Each preset searches the
 # learning rate, the first-order knob for forgetting, plus one method's knobs; "all" combines them.
@@ -87,7 +88,9 @@ def build_param_space(exp: Any) -> dict[str, Any]:
     Returns:
         ``exp.run.model_dump(mode="json")`` with ``HYPERPARAMETERS[name]`` set for every space key.
     """
-    params: dict[str, Any] = exp.run.model_dump(mode="json")
+    # Trials run in their own folders: relative data/model/cache paths are fixed here.
+    run = with_absolute_paths(exp.run, Path.cwd())
+    params: dict[str, Any] = run.model_dump(mode="json")
     for name, domain in space_to_tune(dict(exp.space)).items():
         *parents, leaf = HYPERPARAMETERS[name]
         node = params

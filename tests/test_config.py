@@ -320,3 +320,32 @@ def test_quickstart_with_overrides() -> None:
     )
     assert exp.run.optim.lr == pytest.approx(3e-4)
     assert exp.run.stream.block_size == 64
+
+
+def test_search_trials_get_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray runs trials in their own folders: relative local paths are resolved on the driver."""
+    from trainables.config import parse_run_config, with_absolute_paths
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/a.txt").write_text("hello\n")
+    (tmp_path / "local-ds").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_run_config(
+        {
+            "model": {"pretrain": {"domain": {"name": "b", "builtin": "python_docs"}}},
+            "stream": {
+                "tasks": [
+                    {"name": "a", "source": "files", "files": ["data/a.txt"]},
+                    {"name": "hub", "source": "hf", "path": "wikitext"},
+                    {"name": "dir", "source": "hf", "path": "local-ds"},
+                ]
+            },
+        }
+    )
+    fixed = with_absolute_paths(cfg, tmp_path)
+    assert fixed.stream.tasks[0].files == [str(tmp_path / "data/a.txt")]
+    assert fixed.stream.tasks[1].path == "wikitext"  # a hub name stays a hub name
+    assert fixed.stream.tasks[2].path == str(tmp_path / "local-ds")
+    assert fixed.model.name == "tiny-gpt"
+    assert fixed.model.pretrain is not None
+    assert fixed.model.pretrain.cache_dir == str(tmp_path / "runs/cache")

@@ -35,7 +35,7 @@ def test_default_tiny_model_with_byt5_tokenizer() -> None:
     assert isinstance(model, transformers.GPT2LMHeadModel)
     assert model.config.vocab_size == 384
     assert (model.config.n_layer, model.config.n_embd, model.config.n_head) == (1, 32, 4)
-    assert context_length(model) == 16
+    assert context_length(model.config) == 16
     x = torch.randint(0, 384, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(input_ids=x).logits
@@ -72,7 +72,7 @@ def test_local_transformers_model_loads_by_path(local_gpt2: Path) -> None:
     assert len(tok) == 50257 and tok.eos_token_id == 50256
     assert tok("Hello world")["input_ids"] == [15496, 995]
     model = build_model(cfg, tok)
-    assert context_length(model) == 32
+    assert context_length(model.config) == 32
     assert next(model.parameters()).dtype == torch.float32
     ids = torch.tensor([tok("Hello world")["input_ids"]])
     reference = transformers.GPT2LMHeadModel.from_pretrained(local_gpt2).eval()

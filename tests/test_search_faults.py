@@ -62,7 +62,10 @@ FAULTS: dict[str, Any] = {
         "eval_batch_size": 8,
         "hardware": {"threads": 1},
     },
-    "space": {"seed": {"choice": [0, 1, RAISES, KILLED]}, "ewc_lambda": {"choice": [0.0, DIVERGES]}},
+    "space": {
+        "seed": {"choice": [0, 1, RAISES, KILLED]},
+        "ewc_lambda": {"choice": [0.0, DIVERGES]},
+    },
     # random sampler seed 2 draws (seed, ewc_lambda): (2, 0) (1, 0) (3, 0) (0, 0) (1, 1e300)
     "search": {
         "num_samples": 5,
@@ -151,11 +154,13 @@ def test_search_survives_an_error_a_nan_and_a_killed_worker(
 
     (raised,) = (i for i, f in fates.items() if f == "raise")
     tags = children[raised].data.tags
-    assert tags[ERROR_TAG] == f"RuntimeError: injected fault for seed {RAISES} (during task 1/3 'docs')"
+    assert tags[ERROR_TAG] == (
+        f"RuntimeError: injected fault for seed {RAISES} (during task 1/3 'docs')"
+    )
     assert tags[FAILURES_TAG] == "2"  # tried, retried once (max_failures: 1), failed again
     text = _artifact(client, children[raised].info.run_id, tmp_path)
-    assert "Traceback" in text and f"injected fault for seed {RAISES}" in text
-    assert "Failure # 2" in text
+    assert "Failure # 1" in text and "Failure # 2" in text and "\x1b[" not in text
+    assert 'in trainable\n    raise RuntimeError(f"injected fault' in text  # the traceback
 
     tags = children[diverged].data.tags
     assert tags[ERROR_TAG].startswith(
@@ -164,13 +169,15 @@ def test_search_survives_an_error_a_nan_and_a_killed_worker(
     assert tags["adaptune.tasks_done"] == "1"
     assert "TrainingDivergedError" in _artifact(client, children[diverged].info.run_id, tmp_path)
 
-    # the killed worker: retried from its last checkpoint, one MLflow run, no task twice
+    # the killed worker: retried from a task checkpoint (not from scratch), in the same run
     (killed,) = (i for i, f in fates.items() if f == "kill")
-    assert marker.read_text().startswith("resumed from ") and "None" not in marker.read_text()
+    assert "resumed from " in marker.read_text() and "/checkpoint_00000" in marker.read_text()
     run = children[killed]
     assert run.data.tags[FAILURES_TAG] == "1" and "Actor" in run.data.tags["adaptune.last_failure"]
     history = client.get_metric_history(run.info.run_id, "stream_loss")
-    assert sorted(m.step for m in history) == [1, 2, 3]
+    # Ray registers a checkpoint in a save step after the result: a task whose result reached
+    # MLflow but whose checkpoint did not is trained and logged again after the retry
+    assert {m.step for m in history} == {1, 2, 3} and len(history) <= 4
 
     # the champion is a trial that ran every task
     champion = parent.data.tags["adaptune.champion_trial_id"]
@@ -233,7 +240,9 @@ def test_a_divergence_names_its_own_task_and_step(tmp_path: Path) -> None:
 def test_a_dead_worker_without_a_pickle_uses_the_error_text(tmp_path: Path) -> None:
     text = "Failure # 1\nThe actor died unexpectedly before finishing this task.\n"
     line, _ = describe_error(_failed(tmp_path, None, 2, text), TASKS)
-    assert line == "The actor died unexpectedly before finishing this task. (during task 3/3 'code')"
+    assert line == (
+        "The actor died unexpectedly before finishing this task. (during task 3/3 'code')"
+    )
 
 
 def test_callback_logs_the_error_tag_the_traceback_and_retries(tmp_path: Path) -> None:

@@ -311,22 +311,27 @@ def _children(client: MlflowClient) -> list[Any]:
 
 
 def _wait_for_kill_point(client: MlflowClient, proc: subprocess.Popen[bytes], log: Path) -> None:
-    """Until one trial has finished and another is between tasks 1 and T (MLflow's view)."""
-    deadline = time.monotonic() + 240
+    """Until one trial has finished and another is between tasks 1 and T (MLflow's view), both
+    seen so far >= `settle` seconds: MLflow hears of a result or an end a moment before Tune's
+    experiment snapshot records it, and the test is about the snapshot's view."""
+    settle, deadline, seen = 1.0, time.monotonic() + 240, {}
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"search ended before the kill:\n{log.read_text()[-3000:]}"
         try:
             runs = _children(client)
         except Exception:  # noqa: BLE001 - the database may not exist yet
             runs = []
-        finished = [r for r in runs if r.info.status == "FINISHED"]
-        midway = [
-            r for r in runs
-            if r.info.status == "RUNNING" and 1 <= r.data.metrics.get("task_index", 0) < T
-        ]
+        now = time.monotonic()
+        finished, midway = False, False
+        for r in runs:
+            task = int(r.data.metrics.get("task_index", 0))
+            since = seen.setdefault((r.info.run_id, r.info.status, task), now)
+            settled = now - since >= settle
+            finished |= r.info.status == "FINISHED" and settled
+            midway |= r.info.status == "RUNNING" and 1 <= task < T and settled
         if finished and midway:
             return
-        time.sleep(0.3)
+        time.sleep(0.25)
     raise AssertionError(f"no kill point within 240 s:\n{log.read_text()[-3000:]}")
 
 
@@ -346,7 +351,6 @@ def test_sigkilled_search_resumes_without_rerunning_or_duplicating(
     try:
         client = MlflowClient(f"sqlite:///{db}")
         _wait_for_kill_point(client, proc, log)
-        time.sleep(0.5)  # let Tune's snapshot record what MLflow shows
     finally:
         _kill_tree(proc)
     at_kill = {r.data.tags[TRIAL_TAG]: r for r in _children(client)}

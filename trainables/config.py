@@ -12,6 +12,7 @@ in MLflow params and in the docs (``lr``, ``buffer_size``, ``ewc_lambda``, ``dis
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -233,3 +234,49 @@ def parse_run_config(data: dict[str, Any]) -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, prefix="run")) from None
+
+
+def with_absolute_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    """A copy of ``cfg`` whose relative local paths are resolved against ``base``.
+
+    Ray Tune runs each trial with its trial folder as working directory, so a search resolves
+    paths on the driver first: data files, local dataset folders, local model or tokenizer
+    folders and the pretrain cache. Hub names (no such local path) are left alone.
+    """
+
+    def local(value: str) -> str:
+        p = Path(value).expanduser()
+        return value if p.is_absolute() else str((base / p).resolve())
+
+    def maybe_local(value: str | None) -> str | None:
+        if value is None or Path(value).is_absolute() or not (base / value).exists():
+            return value
+        return local(value)
+
+    def domain(d: DomainConfig) -> DomainConfig:
+        return d.model_copy(
+            update={
+                "files": [local(f) for f in d.files] if d.files else d.files,
+                "path": maybe_local(d.path) if d.source == "hf" else d.path,
+            }
+        )
+
+    model = cfg.model.model_copy(
+        update={
+            "name": cfg.model.name if cfg.model.name == "tiny-gpt" else maybe_local(cfg.model.name),
+            "tokenizer": maybe_local(cfg.model.tokenizer),
+        }
+    )
+    if model.pretrain is not None:
+        model = model.model_copy(
+            update={
+                "pretrain": model.pretrain.model_copy(
+                    update={
+                        "cache_dir": local(model.pretrain.cache_dir),
+                        "domain": domain(model.pretrain.domain),
+                    }
+                )
+            }
+        )
+    stream = cfg.stream.model_copy(update={"tasks": [domain(t) for t in cfg.stream.tasks]})
+    return cfg.model_copy(update={"model": model, "stream": stream})
