@@ -10,7 +10,7 @@ CHROMIUM ?= /usr/bin/chromium
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-test quickstart test lint clean
+.PHONY: install install-test quickstart test lint clean bench bench-quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# Each run is a new search (a new Ray results folder and MLflow parent run) in the MLflow
+# experiment "quickstart"; the registered model adaptune-quickstart@champion follows the latest.
 quickstart: install
-	$(BIN)/adaptune train experiments/quickstart.yaml --out runs/train/quickstart-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/adaptune search experiments/quickstart.yaml --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
 test: install-test
 	$(BIN)/python -m pytest -q

@@ -7,11 +7,13 @@ callback runs on the driver, so workers need no MLflow access:
   commit, the Optuna study; params = the search settings; artifact ``experiment.yaml``.
 - child run per trial (tag ``mlflow.parentRunId``, ``adaptune.trial_id``), looked up by tag before
   it is created so a restarted or resumed trial never gets a second one; params = the searched
-  hyperparameters by their flat names; every numeric metric at step = task index; at the end the
-  loss matrix as JSON and as a heatmap, and status FINISHED (all tasks), KILLED (stopped early by
-  the scheduler) or FAILED (tag ``adaptune.error`` = the error's type, first line and the task
-  where it happened; artifact ``error.txt`` = the traceback). A trial that FailureConfig retries
-  keeps its run (tag ``adaptune.failures`` = retries so far).
+  hyperparameters by their flat names; every numeric metric at step = task index; where the trial
+  last ran as tags ``adaptune.node_id`` (Ray node), ``adaptune.node_ip``, ``adaptune.hostname``,
+  ``adaptune.pid``; at the end the loss matrix as JSON and as a heatmap, and status FINISHED
+  (all tasks), KILLED (stopped early by the scheduler) or FAILED (tag ``adaptune.error`` = the
+  error's type, first line and the task where it happened; artifact ``error.txt`` = the
+  traceback). A trial that FailureConfig retries keeps its run (tag ``adaptune.failures`` =
+  retries so far).
 - a resumed search (``adaptune search --resume``) reuses the parent run (:meth:`resume_parent`)
   and every child: tag ``adaptune.starts`` counts the times Ray started a trial (1 unless it was
   retried or resumed). A trial Ray started but had not yet recorded when the driver died is
@@ -44,6 +46,10 @@ ERROR_TAG = "adaptune.error"  # one line: `Type: message (during task k/T 'name'
 FAILURES_TAG = "adaptune.failures"  # times Ray retried the trial (FailureConfig)
 STARTS_TAG = "adaptune.starts"  # times Ray started the trial: first start, retries, resumes
 LOST_TAG = "adaptune.lost_trial_id"  # on an adopted run: the Ray trial id it started under
+NODE_ID_TAG = "adaptune.node_id"  # the Ray node of the trial's latest result
+# result field -> child-run tag: where the trial ran (node_id from the trainable, the rest Ray's)
+_WHERE_TAGS = {"node_id": NODE_ID_TAG, "node_ip": "adaptune.node_ip",
+               "hostname": "adaptune.hostname", "pid": "adaptune.pid"}
 ERROR_ARTIFACT = "error.txt"  # Ray's error file: every failure with its traceback
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Ray's bookkeeping values that are numbers but not measurements
@@ -387,7 +393,8 @@ class MlflowTrackingCallback(Callback):
         step = int(result.get("task_index", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
-        self.client.log_batch(run_id, metrics=metrics)
+        where = [RunTag(tag, str(result[k])) for k, tag in _WHERE_TAGS.items() if k in result]
+        self.client.log_batch(run_id, metrics=metrics, tags=where)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         last = getattr(trial, "last_result", None) or {}

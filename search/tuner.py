@@ -387,18 +387,35 @@ def restore_tuner(
 
 
 def close_dangling_trials(study: Any) -> int:
-    """Tell FAIL every trial still RUNNING in ``study`` after a search ended; returns how many.
+    """Tell PRUNED every trial still RUNNING in ``study`` after a search ended; returns how many.
 
-    After ``fit()`` returns every Tune trial has told the study its end. A trial still running
-    there was asked for by a driver that died before Tune recorded it, and no resumed trial
-    adopted it (the time budget ran out first); it never finished.
+    Tune tells the searcher nothing about trials it stops when ``time_budget_s`` runs out, nor
+    about a trial a killed driver had asked for but not recorded that no resumed trial adopted.
+    Neither ran every task, so, like a trial ASHA stopped, it is PRUNED (with the intermediate
+    values it reported, if any).
     """
     import optuna
 
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for trial in running:
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        study.tell(trial.number, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
     return len(running)
+
+
+def search_interrupted(exp: Experiment) -> bool:
+    """Whether the last ``fit()`` of ``exp``'s search stopped before the search ended (Ctrl-C).
+
+    The ``ResultGrid`` that ``fit()`` returns cannot tell: after Ctrl-C, Tune writes its
+    experiment snapshot, then stops the running trials, which marks them TERMINATED in the
+    trials it returns. The snapshot keeps them RUNNING or PENDING, which is what a resume sees.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(search_location(exp)).trials
+    if any(t.status not in ("TERMINATED", "ERROR") for t in trials):
+        return True
+    # every trial ended, but Tune had not asked for all of them (no time budget to exhaust)
+    return len(trials) < exp.search.num_samples and exp.search.time_budget_s is None
 
 
 @dataclass
@@ -720,7 +737,7 @@ def run_search(
     rows = trial_rows(exp, results)
     summary = SearchSummary(rows=rows, parent_run_id=callback.start_parent(),
                             tracking_uri=callback.tracking_uri)
-    if results.num_terminated + results.num_errors < len(results):  # Ctrl-C: Tune returned early
+    if search_interrupted(exp):
         summary.interrupted = True
         callback.end_parent("KILLED")
         return summary
@@ -728,7 +745,10 @@ def run_search(
         study = searcher.study
     dangling = close_dangling_trials(study)
     if dangling:
-        summary.notes.append(f"{dangling} Optuna trial(s) lost with a killed driver: told FAIL")
+        summary.notes.append(
+            f"{dangling} Optuna trial(s) left running (time budget, or lost with a killed "
+            "driver): told PRUNED"
+        )
     _log_summary(callback, exp, rows, study, summary.notes)
     best = next((r for r in rows if r.status == "complete" and r.value is not None), None)
     summary.best = best

@@ -89,14 +89,15 @@ CASES: list[tuple[str, str | Mutation, list[str]]] = [
     ("yaml empty file", "", ["must hold a YAML mapping (got NoneType)"]),
     # --- unknown keys, each listing the valid ones
     ("unknown top-level key", put("serach", {}),
-     ["serach: unknown key", "valid keys: name, run, space, search, resources, tracking"]),
+     ["serach: unknown key (did you mean 'search'?)",
+      "valid keys: name, run, space, search, resources, tracking"]),
     ("unknown run key", put("run.lr", 0.1), ["run.lr: unknown key", "valid keys: seed, model"]),
     ("unknown optim key", put("run.optim.momentum", 0.9),
      ["run.optim.momentum: unknown key", "lr, batch_size, epochs"]),
     ("unknown component", put("run.components.lwf", {}),
      ["run.components.lwf: unknown key", "valid keys: replay, ewc, distill"]),
     ("unknown search key", put("search.samples", 4),
-     ["search.samples: unknown key", "num_samples", "max_failures"]),
+     ["search.samples: unknown key (did you mean 'num_samples'?)", "max_failures"]),
     ("unknown resources key", put("resources.gpus", 1),
      ["resources.gpus: unknown key", "valid keys: cpus_per_trial, gpus_per_trial"]),
     ("unknown tracking key", put("tracking.uri", "sqlite:///x.db"),
@@ -105,7 +106,7 @@ CASES: list[tuple[str, str | Mutation, list[str]]] = [
     ("lr is a string", put("run.optim.lr", "fast"),
      ["run.optim.lr:", "valid number", "'fast'"]),
     ("batch_size is a list", put("run.optim.batch_size", [8, 16]),
-     ["run.optim.batch_size:", "valid integer"]),
+     ["run.optim.batch_size:", "valid integer (got a list)"]),
     ("num_samples is a float", put("search.num_samples", 2.5),
      ["search.num_samples:", "valid integer", "2.5"]),
     # --- ranges
@@ -153,7 +154,8 @@ CASES: list[tuple[str, str | Mutation, list[str]]] = [
      ["search.metric: 'forgetting' is not an objective", "it is 0 after task 1",
       "valid values: stream_loss"]),
     ("objective typo", put("search.metric", "stream_los"),
-     ["search.metric: 'stream_los' is not an objective", "stream_loss", "loss/docs"]),
+     ["search.metric: 'stream_los' is not an objective", "did you mean 'stream_loss'?",
+      "valid values: stream_loss, seen_loss", "loss/docs"]),
     ("objective of a task not in the stream", put("search.metric", "loss/code"),
      ["search.metric: 'loss/code'", "loss/names"]),
     ("mode against the objective", put("search.metric", "bwt"),
@@ -183,9 +185,6 @@ CASES: list[tuple[str, str | Mutation, list[str]]] = [
     ("n_embd not divisible by n_head", put("run.model.n_head", 3),
      ["run.model:", "n_embd % n_head == 0", "n_head=3"]),
 ]
-# the files written for each case, so the test can check that nothing else appeared
-_SUPPORT = {"missing file": ["other.txt"], "missing column": ["rows.jsonl"],
-            "unsupported extension": ["notes.xml"]}
 SUBPROCESS = {"yaml syntax", "unknown search key", "objective forgetting", "missing column"}
 
 
@@ -268,6 +267,15 @@ def _check_message(err: str, expected: list[str]) -> None:
     assert line.startswith(f"adaptune: error: {FILE}: "), line
     for part in expected:
         assert part in line, f"{part!r} not in {line!r}"
+
+
+def test_missing_experiment_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", FILE]) == 2
+    _check_message(capsys.readouterr().err, ["experiment file not found"])
+    assert not list(tmp_path.iterdir())
 
 
 def test_dry_run_refuses_a_bad_file_the_same_way(

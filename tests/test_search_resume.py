@@ -175,7 +175,7 @@ def test_restored_searcher_adopts_orphans_and_tells_nothing_twice(tmp_path: Path
     assert study.trials[0].value == 2.0 and study.trials[2].value == 2.5
 
 
-def test_orphan_without_parameters_is_failed_and_dangling_trials_are_closed(
+def test_orphan_without_parameters_is_failed_and_dangling_trials_are_pruned(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "optuna.db"
@@ -195,7 +195,7 @@ def test_orphan_without_parameters_is_failed_and_dangling_trials_are_closed(
     assert states[2] == optuna.trial.TrialState.RUNNING  # kept for adoption
     searcher.on_trial_complete("a", result=_result(T, 2.0))
     assert close_dangling_trials(study) == 1
-    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "FAIL", "FAIL"]
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "FAIL", "PRUNED"]
 
 
 # -- the MLflow callback: lost runs and starts --------------------------------------------------

@@ -139,7 +139,10 @@ def test_child_runs_params_metrics_artifacts_and_statuses(tracked, tmp_path: Pat
     assert {t: r.info.status for t, r in by_trial.items()} == {
         "t_00000": "FINISHED", "t_00001": "KILLED", "t_00002": "FAILED",
     }
-    assert by_trial["t_00002"].data.tags["adaptune.error"] == "RuntimeError: boom"
+    # the error's first line and the task after the last report (task 1 of 3 was reported)
+    assert by_trial["t_00002"].data.tags["adaptune.error"] == (
+        "RuntimeError: boom (during task 2/3 'code')"
+    )
 
     run = by_trial["t_00000"]
     assert run.data.params == {"lr": "0.001", "buffer_size": "16", "temperature": "3.0"}

@@ -2,10 +2,17 @@
 
 Uses only ``ray.tune.report / Checkpoint / get_checkpoint / get_context``: ``ray.train.*`` inside
 a Tune function fails under Ray Train V2.
+
+Each report also carries ``node_id``, the Ray node the trial ran on (a string: MLflow gets it as
+the child run's tag ``adaptune.node_id``, not as a metric). When the trial ends, however it
+ends, its GPU memory is handed back (``torch.cuda.empty_cache``), so the next trial on that GPU
+finds it free even in a worker process that lives on (Tune's ``reuse_actors``).
 """
 
 from __future__ import annotations
 
+import gc
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +26,11 @@ def continual_trainable(config: dict[str, Any]) -> None:
     ``config`` is a plain nested dict in the shape of :class:`trainables.config.RunConfig`;
     it is validated again here with the same schema as the experiment file.
     """
+    import ray
     from ray import tune
 
     cfg = parse_run_config(config)
+    node_id = ray.get_runtime_context().get_node_id()
     prep = prepare(cfg)
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
 
@@ -30,6 +39,7 @@ def continual_trainable(config: dict[str, Any]) -> None:
 
         # float results depend on both: `adaptune export` pins them to reproduce the trial
         used = {"threads": torch.get_num_threads(), "cuda": int(pick_device(cfg).type == "cuda")}
+        used["node_id"] = node_id  # str: a tag in MLflow (search.tracking), not a metric
         # `done` on the last task makes Tune stop the trial in the same step that records its
         # checkpoint, so the experiment snapshot never shows a finished trial as running (which
         # a resumed search would start again).
@@ -39,8 +49,25 @@ def continual_trainable(config: dict[str, Any]) -> None:
         )
 
     checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        run_stream(prep, report=report, threads=max(1, int(cpus)))
-        return
-    with checkpoint.as_directory() as path:
-        run_stream(prep, report=report, resume_from=Path(path), threads=max(1, int(cpus)))
+    try:
+        if checkpoint is None:
+            run_stream(prep, report=report, threads=max(1, int(cpus)))
+            return
+        with checkpoint.as_directory() as path:
+            run_stream(prep, report=report, resume_from=Path(path), threads=max(1, int(cpus)))
+    except BaseException as err:  # its traceback's frames would keep the model alive
+        traceback.clear_frames(err.__traceback__)
+        raise
+    finally:
+        release_accelerator_memory()
+
+
+def release_accelerator_memory() -> None:
+    """Free what the finished run left: its model, optimizer, teacher and Fisher tensors become
+    garbage when ``run_stream`` returns; collect them (reference cycles included) and give
+    PyTorch's cached CUDA blocks back to the device so the next trial on this GPU can use them."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -1,0 +1,241 @@
+"""Orchestration overhead: `adaptune search` against the same trials as plain function calls.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/overhead.py [--trials 4] [--short-trials 100]
+
+1. Wall time. ``adaptune search experiments/quickstart.yaml`` (Ray Tune + OptunaSearch, ASHA off:
+   ``search.scheduler=fifo``; MLflow tracking and per-task checkpoints on, champion registered;
+   2 trials at once, 1 CPU each) runs ``--trials`` trials in a temporary directory. The same
+   trials (their configs read back from Ray's ``params.json``) then run as plain
+   ``prepare`` + ``run_stream`` calls in one Python process, 2 at once in a process pool, with the
+   same threads. Both are timed from outside, interpreter start included.
+2. Time to the first trial: from the command's launch to Tune starting the first trial (the start
+   time of its MLflow child run, which our callback creates in ``on_trial_start``).
+3. Driver memory: the ``adaptune search`` process's RSS, sampled while it runs
+   ``--short-trials`` very short trials (1 task of 2k tokens, tiny model, 2 at once), against the
+   number of trials started; growth per trial is the slope of a least-squares line over the
+   samples after the 10th trial (read from ``/proc/PID/status``: Linux only).
+
+``--quick`` runs 2 short trials for part 1 and 10 for part 3 (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+EXPERIMENT = ROOT / "experiments" / "quickstart.yaml"
+
+
+def search_command(name: str, tmp: Path, overrides: list[str]) -> list[str]:
+    sets = [
+        "search.scheduler=fifo",
+        "search.max_concurrent=2",
+        f"storage_path={tmp / 'ray'}",
+        f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"tracking.experiment_name={name}",
+        f"tracking.registered_model_name=overhead-{name}",
+        *overrides,
+    ]
+    cmd = [str(BIN / "adaptune"), "search", str(EXPERIMENT), "--name", name]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def run_timed(cmd: list[str], log: Path, sample: Any = None) -> tuple[float, float, int]:
+    """Run ``cmd`` (output to ``log``); returns (launch epoch s, wall s, return code).
+
+    ``sample(pid)`` is called every 0.2 s while it runs.
+    """
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with log.open("w") as out:
+        launch = time.time()
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None:
+            if sample is not None:
+                sample(proc.pid)
+            time.sleep(0.2)
+        return launch, time.perf_counter() - start, proc.returncode
+
+
+def trial_configs(results: Path) -> list[dict[str, Any]]:
+    """Each trial's config as Ray handed it to the trainable (Tune's ``params.json``)."""
+    files = sorted(results.glob("trial-*/params.json"))
+    return [json.loads(f.read_text()) for f in files]
+
+
+def child_runs(tracking_uri: str, name: str) -> list[Any]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    return list(
+        client.search_runs([exp.experiment_id], filter_string="tags.`adaptune.kind` = 'trial'")
+    )
+
+
+# ---- the plain baseline (runs in its own interpreter: `overhead.py --plain FILE`) ----------
+
+
+def _plain_one(config: dict[str, Any]) -> tuple[float, float]:
+    from trainables import parse_run_config, prepare, run_stream
+
+    begin = time.time()
+    cfg = parse_run_config(config)
+    run_stream(prepare(cfg), report=lambda _m, _c: None, threads=1)
+    return begin, time.time()
+
+
+def plain(configs_file: Path, workers: int) -> None:
+    import multiprocessing as mp
+
+    configs = json.loads(configs_file.read_text())
+    with mp.get_context("spawn").Pool(workers) as pool:
+        spans = pool.map(_plain_one, configs, chunksize=1)
+    print(json.dumps({"first_start": min(s for s, _ in spans), "last_end": max(e for _, e in spans)}))
+
+
+# ---- the three measurements ------------------------------------------------------------------
+
+
+def wall_ratio(tmp: Path, trials: int, overrides: list[str]) -> dict[str, Any]:
+    name = "overhead-wall"
+    cmd = search_command(name, tmp, [f"search.num_samples={trials}", *overrides])
+    launch, search_wall, rc = run_timed(cmd, tmp / "search.log")
+    if rc != 0:
+        raise SystemExit(f"adaptune search failed (rc {rc}); see {tmp / 'search.log'}")
+    configs = trial_configs(tmp / "ray" / name)
+    if len(configs) != trials:
+        raise SystemExit(f"expected {trials} trial configs, found {len(configs)}")
+    runs = child_runs(f"sqlite:///{tmp / 'mlflow.db'}", name)
+    first_start = min(r.info.start_time for r in runs) / 1000
+    last_end = max(r.info.end_time for r in runs) / 1000
+    (tmp / "configs.json").write_text(json.dumps(configs))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(tmp / "configs.json")]
+    p_launch, plain_wall, rc = run_timed(cmd, tmp / "plain.log")
+    if rc != 0:
+        raise SystemExit(f"plain baseline failed (rc {rc}); see {tmp / 'plain.log'}")
+    spans = json.loads((tmp / "plain.log").read_text().strip().splitlines()[-1])
+    return {
+        "trials": trials,
+        "search_wall_s": search_wall,
+        "plain_wall_s": plain_wall,
+        "ratio": search_wall / plain_wall,
+        "search_first_trial_s": first_start - launch,
+        "search_after_last_trial_s": launch + search_wall - last_end,
+        "plain_first_trial_s": spans["first_start"] - p_launch,
+        "plain_after_last_trial_s": p_launch + plain_wall - spans["last_end"],
+    }
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of ``pid`` from ``/proc`` (Linux), None once it has exited."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def driver_memory(tmp: Path, trials: int) -> dict[str, Any]:
+    name = "overhead-memory"
+    results = tmp / "ray" / name
+    overrides = [
+        f"search.num_samples={trials}",
+        "run.stream.tasks=[{name: docs, builtin: python_docs}]",
+        "run.stream.max_train_tokens=2048",
+        "run.stream.max_eval_blocks=4",
+        "run.stream.block_size=64",
+        "run.model.n_embd=32",
+        "run.model.n_positions=64",
+        "space={lr: {loguniform: [1.0e-4, 1.0e-2]}}",
+    ]
+    samples: list[tuple[int, int]] = []  # (trials started, driver RSS bytes)
+
+    def sample(pid: int) -> None:
+        rss = rss_bytes(pid)
+        if rss is None:
+            return
+        samples.append((len(list(results.glob("trial-*"))), rss))
+
+    _, wall, rc = run_timed(search_command(name, tmp, overrides), tmp / "memory.log", sample)
+    if rc != 0:
+        raise SystemExit(f"adaptune search failed (rc {rc}); see {tmp / 'memory.log'}")
+    fit = [(n, rss) for n, rss in samples if n >= min(10, trials)]
+    xs, ys = [n for n, _ in fit], [rss for _, rss in fit]
+    slope = statistics.linear_regression(xs, ys).slope if len(set(xs)) > 1 else 0.0
+
+    def rss_at(n: int) -> float:
+        return max((r for k, r in samples if k == n), default=float("nan")) / 2**20
+
+    marks = sorted({1, min(10, trials), trials // 2, trials})
+    return {
+        "trials": trials,
+        "wall_s": wall,
+        "rss_mib": {n: rss_at(n) for n in marks},
+        "peak_mib": max(r for _, r in samples) / 2**20,
+        "growth_kib_per_trial": slope / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=4, help="trials of the wall-time figure")
+    parser.add_argument("--short-trials", type=int, default=100, help="trials for memory")
+    parser.add_argument("--set", action="append", default=[], help="extra override, KEY=VALUE")
+    parser.add_argument("--quick", action="store_true", help="tiny trials, a smoke test")
+    parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain is not None:
+        plain(args.plain, args.workers)
+        return
+    trials, short = args.trials, args.short_trials
+    overrides = list(args.set)
+    if args.quick:
+        trials, short = 2, 10
+        overrides = ["run.stream.max_train_tokens=8192", *overrides]
+    with tempfile.TemporaryDirectory(prefix="adaptune-overhead-") as tmp_name:
+        tmp = Path(tmp_name)
+        w = wall_ratio(tmp, trials, overrides)
+        print(
+            f"\n## Orchestration overhead: {trials} quickstart trials, 2 at once, 1 CPU each\n\n"
+            "| figure | adaptune search | plain calls | target |\n|---|---|---|---|\n"
+            f"| wall time | {w['search_wall_s']:.1f} s | {w['plain_wall_s']:.1f} s | |\n"
+            f"| wall-time ratio | {w['ratio']:.3f} | 1 | <= 1.10 |\n"
+            f"| command launch -> first trial start | {w['search_first_trial_s']:.1f} s | "
+            f"{w['plain_first_trial_s']:.1f} s | |\n"
+            f"| last trial end -> command exit | {w['search_after_last_trial_s']:.1f} s | "
+            f"{w['plain_after_last_trial_s']:.1f} s | |",
+            flush=True,
+        )
+        m = driver_memory(tmp, short)
+    print(
+        f"\n## Driver memory: {m['trials']} short trials (1 task, 2 at once) in "
+        f"{m['wall_s']:.0f} s\n\n| trials started | driver RSS (MiB) |\n|---|---|"
+    )
+    for n, mib in m["rss_mib"].items():
+        print(f"| {n} | {mib:.0f} |")
+    print(
+        f"\n| figure | value |\n|---|---|\n| peak driver RSS | {m['peak_mib']:.0f} MiB |\n"
+        f"| growth per trial (after trial {min(10, short)}) | "
+        f"{m['growth_kib_per_trial']:.1f} KiB |"
+    )
+
+
+if __name__ == "__main__":
+    main()

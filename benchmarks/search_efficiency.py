@@ -1,0 +1,446 @@
+"""Search efficiency: regret of adaptune's search against its variants, at equal compute.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/search_efficiency.py [--seeds 3] [--quick]
+
+A tabular benchmark: ``benchmarks/landscape.py`` trained every configuration of a grid once
+(lr x ewc_lambda x distill_alpha x buffer_size) and recorded its per-task reports. Here each
+search runs through the real machinery (``ray.tune.Tuner``, our ``ContinualOptunaSearch`` or
+the stock ``OptunaSearch``, ``ASHAScheduler`` as :func:`search.tuner.build_scheduler` builds
+it) over a space of ``choice`` over the grid's values, with a lookup trainable that reports the
+recorded results with ``tune.report``, one per task, so ASHA stops trials at its real rungs.
+
+Compute is counted in trained tokens, as recorded (a trial ASHA stopped after task 1 costs its
+task-1 tokens; replay makes a task cost more). A budget stopper ends a search once it has spent
+the largest budget (``--budgets``, a fraction of the whole grid's tokens). Trials run one at a
+time (``--concurrency 1``), so a search never depends on timing and nothing it does depends on
+the budget: the result at a smaller budget is read off the same trajectory, exactly what a
+search stopped there would have found. "Found" is what ``adaptune search`` registers as the
+champion: the best final ``stream_loss`` of a trial that ran every task within the budget.
+Regret = found - the grid's best (nats).
+
+Variants (TPE and random are Optuna's samplers, seeded, as :func:`search.searcher.build_searcher`
+makes them; ASHA with adaptune's defaults, grace_period 1, reduction_factor 2):
+
+- ``default``: adaptune's default, TPE + ASHA, stopped trials told to Optuna as PRUNED;
+- ``tpe``: TPE without ASHA (every trial runs every task);
+- ``random+asha`` / ``random``: random search with and without ASHA;
+- ``tpe+asha/complete``: TPE + ASHA through the stock ``OptunaSearch``, which tells ASHA-stopped
+  trials COMPLETE with their early score (the tools' default behaviour).
+
+Prints one table per budget (median and min-max regret over seeds), writes the trajectories to
+``benchmarks/results/search_efficiency.json`` and the plot to ``docs/img/regret_vs_compute.png``.
+``--quick`` replays ``landscape-quick.json`` with one seed (a smoke test; writes nothing to docs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PLOT = ROOT / "docs" / "img" / "regret_vs_compute.png"
+
+# name -> (sampler, scheduler, how ASHA-stopped trials reach Optuna)
+VARIANTS: dict[str, tuple[str, str, str]] = {
+    "default": ("tpe", "asha", "pruned"),
+    "tpe": ("tpe", "fifo", "pruned"),
+    "random+asha": ("random", "asha", "pruned"),
+    "random": ("random", "fifo", "pruned"),
+    "tpe+asha/complete": ("tpe", "asha", "complete"),
+}
+LABELS = {
+    "default": "adaptune default: TPE + ASHA, stopped = PRUNED",
+    "tpe": "TPE, no ASHA",
+    "random+asha": "random + ASHA",
+    "random": "random, no ASHA",
+    "tpe+asha/complete": "TPE + ASHA, stopped = COMPLETE (stock OptunaSearch)",
+}
+TARGET_NATS = 0.01
+TARGET_BUDGET = 0.25
+
+
+def key_of(params: dict[str, Any], names: list[str]) -> str:
+    return json.dumps([float(params[n]) for n in names])
+
+
+def experiment_for(landscape: dict[str, Any], data: Path, scheduler: str) -> Any:
+    """The landscape's run as an adaptune Experiment whose space is ``choice`` over the grid."""
+    from search.experiment import parse_experiment
+
+    run = json.loads(json.dumps(landscape["meta"]["base_run"]))
+    for task in run["stream"]["tasks"]:
+        task["files"] = [str(data / f) for f in task["files"]]
+    space = {name: {"choice": values} for name, values in landscape["meta"]["grid"].items()}
+    return parse_experiment(
+        {
+            "name": "search-efficiency",
+            "run": run,
+            "space": space,
+            "search": {"scheduler": scheduler, "metric": "stream_loss", "mode": "min"},
+        }
+    )
+
+
+def lookup_trainable(config: dict[str, Any], table: dict[str, Any], paths: dict[str, Any]) -> None:
+    """Report the recorded results of ``config``'s grid point, one ``tune.report`` per task."""
+    from ray import tune
+
+    params = {}
+    for name, path in paths.items():
+        node = config
+        for part in path:
+            node = node[part]
+        params[name] = node
+    tasks = table[key_of(params, list(paths))]
+    for rec in tasks:
+        done = {"done": True} if rec["task_index"] == len(tasks) else {}
+        tune.report(dict(rec) | done)
+
+
+# Filled on the driver by _Recorder, read after fit(): (trial_id, task_index, stream_loss, tokens).
+_EVENTS: list[tuple[str, int, float, int]] = []
+
+
+def _callbacks_and_stopper(budget_tokens: float) -> tuple[Any, Any]:
+    from ray.tune import Callback
+    from ray.tune.stopper import Stopper
+
+    class Recorder(Callback):
+        def on_trial_result(self, iteration: int, trials: Any, trial: Any, result: Any) -> None:
+            _EVENTS.append(
+                (
+                    trial.trial_id,
+                    int(result["task_index"]),
+                    float(result["stream_loss"]),
+                    int(result["train_tokens"]),
+                )
+            )
+
+    class BudgetStopper(Stopper):
+        """Ends the search once its trials have trained ``budget_tokens`` tokens in all."""
+
+        def __init__(self) -> None:
+            self.spent: dict[str, int] = {}
+
+        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+            self.spent[trial_id] = int(result["train_tokens"])
+            return False
+
+        def stop_all(self) -> bool:
+            return sum(self.spent.values()) >= budget_tokens
+
+    return Recorder(), BudgetStopper()
+
+
+def run_search(
+    variant: str,
+    seed: int,
+    *,
+    landscape: dict[str, Any],
+    data: Path,
+    budget_tokens: float,
+    concurrency: int,
+    storage: Path,
+) -> dict[str, Any]:
+    """One search until ``budget_tokens`` are spent; returns its trajectory."""
+    import optuna
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from search.searcher import ContinualOptunaSearch
+    from search.tuner import build_scheduler
+    from spaces.tune import build_param_space
+
+    sampler_name, scheduler, told = VARIANTS[variant]
+    exp = experiment_for(landscape, data, scheduler)
+    T = len(landscape["meta"]["tasks"])
+    sampler: optuna.samplers.BaseSampler = (  # as search.searcher.build_searcher makes them
+        optuna.samplers.RandomSampler(seed=seed)
+        if sampler_name == "random"
+        else optuna.samplers.TPESampler(seed=seed)
+    )
+    kwargs = {"metric": "stream_loss", "mode": "min", "sampler": sampler}
+    searcher = (
+        OptunaSearch(**kwargs)
+        if told == "complete"
+        else ContinualOptunaSearch(max_t=T, **kwargs)  # type: ignore[arg-type]
+    )
+    paths = {name: tuple(path) for name, path in landscape["meta"]["paths"].items()}
+    table = {key_of(r["params"], list(paths)): r["tasks"] for r in landscape["configs"]}
+    recorder, stopper = _callbacks_and_stopper(budget_tokens)
+    tuner = tune.Tuner(
+        tune.with_parameters(lookup_trainable, table=table, paths=paths),
+        param_space=build_param_space(exp),
+        tune_config=tune.TuneConfig(
+            metric="stream_loss",
+            mode="min",
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
+            scheduler=build_scheduler(exp),
+            num_samples=100_000,  # the budget stopper ends the search
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{variant.replace('/', '-').replace('+', '-')}-seed{seed}",
+            storage_path=str(storage),
+            stop=stopper,
+            callbacks=[recorder],
+            verbose=0,
+        ),
+    )
+    del _EVENTS[:]
+    start = time.perf_counter()
+    tuner.fit()
+    wall = time.perf_counter() - start
+    return {"variant": variant, "seed": seed, "wall_s": wall, "events": list(_EVENTS)}
+
+
+def anytime(events: list[list[Any]], T: int) -> list[tuple[int, float | None]]:
+    """(cumulative tokens after each result, best final stream_loss of a finished trial so far)."""
+    last: dict[str, int] = {}
+    spent, best = 0, math.inf
+    curve = []
+    for trial_id, task, loss, tokens in events:
+        spent += tokens - last.get(trial_id, 0)
+        last[trial_id] = tokens
+        if task == T:
+            best = min(best, loss)
+        curve.append((spent, best if math.isfinite(best) else None))
+    return curve
+
+
+def found_at(curve: list[tuple[int, float | None]], budget_tokens: float) -> float | None:
+    found = None
+    for spent, best in curve:
+        if spent > budget_tokens:
+            break
+        found = best
+    return found
+
+
+def trials_at(events: list[list[Any]], budget_tokens: float) -> int:
+    last: dict[str, int] = {}
+    spent = 0
+    for trial_id, _task, _loss, tokens in events:
+        spent += tokens - last.get(trial_id, 0)
+        if spent > budget_tokens:
+            break
+        last[trial_id] = tokens
+    return len(last)
+
+
+def _fmt_regret(values: list[float | None]) -> tuple[str, str]:
+    if any(v is None for v in values):
+        done = [v for v in values if v is not None]
+        missing = len(values) - len(done)
+        med = f"{statistics.median(done):.4f}" if done else "-"
+        return f"{med} ({missing} seed(s) found none)", "-"
+    vals = [v for v in values if v is not None]
+    return f"{statistics.median(vals):.4f}", f"{min(vals):.4f} - {max(vals):.4f}"
+
+
+def report(results: dict[str, Any]) -> str:
+    """Markdown tables: one per budget, one row per variant; then the targets."""
+    meta = results["meta"]
+    total, best, T = meta["grid_tokens"], meta["grid_best"], meta["tasks"]
+    lines = []
+    regrets: dict[tuple[str, float], list[float | None]] = {}
+    for frac in meta["budgets"]:
+        lines += [
+            f"\n### {frac:.0%} of the grid's compute ({frac * total:,.0f} trained tokens)\n",
+            "| variant | median regret (nats) | min - max | trials (median) | found (median) |",
+            "|---|---|---|---|---|",
+        ]
+        for variant in meta["variants"]:
+            runs = [r for r in results["runs"] if r["variant"] == variant]
+            found = [found_at(anytime(r["events"], T), frac * total) for r in runs]
+            reg = [None if f is None else f - best for f in found]
+            regrets[(variant, frac)] = reg
+            med, spread = _fmt_regret(reg)
+            trials = statistics.median(trials_at(r["events"], frac * total) for r in runs)
+            fvals = [f for f in found if f is not None]
+            fmed = f"{statistics.median(fvals):.4f}" if fvals else "-"
+            lines.append(f"| {LABELS[variant]} | {med} | {spread} | {trials:g} | {fmed} |")
+
+    def med(variant: str, frac: float) -> float:
+        vals = regrets[(variant, frac)]
+        return math.inf if any(v is None for v in vals) else statistics.median(vals)  # type: ignore[type-var]
+
+    lines += ["", "| target | value | met |", "|---|---|---|"]
+    if "default" in meta["variants"] and TARGET_BUDGET in meta["budgets"]:
+        v = med("default", TARGET_BUDGET)
+        lines.append(
+            f"| default within {TARGET_NATS} nats of the grid's best at "
+            f"{TARGET_BUDGET:.0%} (median regret) | {v:.4f} | {'yes' if v <= TARGET_NATS else 'no'} |"
+        )
+    for rnd in ("random", "random+asha"):
+        if "default" not in meta["variants"] or rnd not in meta["variants"]:
+            continue
+        for frac in meta["budgets"]:
+            d, r = med("default", frac), med(rnd, frac)
+            lines.append(
+                f"| default <= {LABELS[rnd]} at {frac:.0%} (median regret) | "
+                f"{d:.4f} vs {r:.4f} | {'yes' if d <= r else 'no'} |"
+            )
+    wins = {
+        frac: min(meta["variants"], key=lambda v, f=frac: (med(v, f), v != "default"))
+        for frac in meta["budgets"]
+    }
+    for frac, v in wins.items():
+        lines.append(f"| lowest median regret at {frac:.0%} | {LABELS[v]} | |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = results["meta"]
+    total, best, T = meta["grid_tokens"], meta["grid_best"], meta["tasks"]
+    top = max(meta["budgets"])
+    xs = [top * i / 200 for i in range(1, 201)]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for variant in meta["variants"]:
+        curves = [anytime(r["events"], T) for r in results["runs"] if r["variant"] == variant]
+        meds, lows, highs, xs_ok = [], [], [], []
+        for x in xs:
+            found = [found_at(c, x * total) for c in curves]
+            if any(f is None for f in found):
+                continue
+            reg = [f - best for f in found if f is not None]
+            xs_ok.append(100 * x)
+            meds.append(statistics.median(reg))
+            lows.append(min(reg))
+            highs.append(max(reg))
+        (line,) = ax.plot(xs_ok, meds, label=LABELS[variant], lw=2 if variant == "default" else 1.3)
+        ax.fill_between(xs_ok, lows, highs, color=line.get_color(), alpha=0.12)
+    ax.axhline(TARGET_NATS, color="grey", ls="--", lw=1)
+    ax.text(1, TARGET_NATS * 1.08, f"target {TARGET_NATS} nats", color="grey", fontsize=8)
+    for frac in meta["budgets"]:
+        ax.axvline(100 * frac, color="grey", ls=":", lw=0.8)
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("compute spent (% of the full grid's trained tokens)")
+    ax.set_ylabel("regret: found - grid best stream_loss (nats)")
+    n_seeds = len({r["seed"] for r in results["runs"]})
+    ax.set_title(
+        f"Regret against compute: median and min-max over {n_seeds} seeds "
+        f"({meta['configs']}-point grid)",
+        fontsize=10,
+    )
+    ax.legend(fontsize=7.5, loc="upper right")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--landscape", type=Path, default=None)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant")
+    parser.add_argument("--budgets", default="0.1,0.25,0.5", help="fractions of the grid")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--concurrency", type=int, default=1, help="trials at once")
+    parser.add_argument("--out", type=Path, default=None, help="trajectories (JSON)")
+    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="landscape-quick.json, 1 seed")
+    args = parser.parse_args()
+    landscape_path = args.landscape or RESULTS / (
+        "landscape-quick.json" if args.quick else "landscape.json"
+    )
+    if not landscape_path.is_file():
+        quick = " --quick" if args.quick else ""
+        print(f"skipped: no landscape at {landscape_path}; run benchmarks/landscape.py{quick}")
+        return
+    landscape = json.loads(landscape_path.read_text())
+    seeds = 1 if args.quick else args.seeds
+    budgets = sorted(float(b) for b in args.budgets.split(","))
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; valid values: {', '.join(VARIANTS)}")
+    T = len(landscape["meta"]["tasks"])
+    grid_tokens = landscape["meta"]["total_tokens"]
+    grid_best = min(r["tasks"][-1]["stream_loss"] for r in landscape["configs"])
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # no per-trial CSV/JSON/TB files
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    runs = []
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="adaptune-search-eff-") as tmp:
+            for seed in range(seeds):
+                for variant in variants:
+                    run = run_search(
+                        variant,
+                        seed,
+                        landscape=landscape,
+                        data=args.data.resolve(),
+                        budget_tokens=max(budgets) * grid_tokens,
+                        concurrency=args.concurrency,
+                        storage=Path(tmp),
+                    )
+                    n = len({e[0] for e in run["events"]})
+                    print(
+                        f"  {variant:<18} seed {seed}: {n} trials, {run['wall_s']:.1f} s "
+                        f"({run['wall_s'] / max(n, 1):.2f} s per trial)",
+                        flush=True,
+                    )
+                    runs.append(run)
+    finally:
+        ray.shutdown()
+    wall = time.perf_counter() - start
+    results = {
+        "meta": {
+            "landscape": str(landscape_path.relative_to(ROOT))
+            if landscape_path.is_relative_to(ROOT)
+            else str(landscape_path),
+            "configs": len(landscape["configs"]),
+            "tasks": T,
+            "grid_tokens": grid_tokens,
+            "grid_best": grid_best,
+            "budgets": budgets,
+            "variants": variants,
+            "seeds": seeds,
+            "concurrency": args.concurrency,
+            "wall_s": wall,
+        },
+        "runs": runs,
+    }
+    trials = sum(len({e[0] for e in r["events"]}) for r in runs)
+    print(
+        f"\n## Search efficiency: {len(landscape['configs'])}-point grid, best stream_loss "
+        f"{grid_best:.4f}, {grid_tokens:,} trained tokens; {seeds} seed(s) per variant; "
+        f"{len(runs)} searches, {trials} Ray Tune trials in {wall:.0f} s "
+        f"({wall / max(trials, 1):.2f} s per trial)"
+    )
+    print(report(results))
+    if args.quick and args.out is None and args.plot is None:
+        return
+    out = args.out or RESULTS / "search_efficiency.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results) + "\n")
+    plot(results, args.plot or PLOT)
+    print(f"\nwrote {out} and {args.plot or PLOT}")
+
+
+if __name__ == "__main__":
+    main()
