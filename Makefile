@@ -10,7 +10,7 @@ CHROMIUM ?= /usr/bin/chromium
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-test quickstart test lint clean bench bench-quick
+.PHONY: install install-test quickstart test lint clean bench bench-quick bench bench-quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,21 @@ test: install-test
 
 lint: install-test
 	$(BIN)/ruff check search spaces trainables tests benchmarks
+
+# docs/benchmarks.md. bench-quick: the trainable's speed against a bare PyTorch loop (minutes).
+bench-quick: install
+	$(BIN)/python benchmarks/speed.py
+
+# The search-efficiency landscape (a 108-point grid trained for real, ~15 min on 2 cores) is
+# committed and rerun only when missing: delete the file to measure it again.
+benchmarks/results/landscape.json: | $(VENV)/.installed
+	$(BIN)/python benchmarks/landscape.py
+
+# Every benchmark in docs/benchmarks.md, each printing its table (about 30 min on 2 cores).
+bench: install benchmarks/results/landscape.json
+	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/search_efficiency.py
 
 clean:
 	rm -rf runs .pytest_cache

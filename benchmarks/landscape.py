@@ -12,9 +12,9 @@ after each task, plus the loss matrix) go into ``benchmarks/results/landscape.js
 configurations and each knob's best ``stream_loss``.
 
 Configurations run ``--workers`` at a time in separate processes with ``--threads`` torch
-threads each; every worker tokenizes the stream once and reuses it. ``--quick`` runs a 16-point
-grid on 4k-token tasks (a smoke test; writes ``landscape-quick.json``). Skips (exit 0) when the
-shared data directory is absent.
+threads each; every worker tokenizes the stream once and reuses it. ``--quick`` runs a
+16-point grid on 4k-token tasks (a smoke test; writes ``runs/bench/landscape-quick.json``).
+Skips (exit 0) when the shared data directory is absent.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
+QUICK = ROOT / "runs" / "bench"  # smoke-test output, not committed
 
 # task name -> file under the data directory (see its SOURCES.md)
 DOMAINS = {
@@ -148,10 +149,12 @@ def run_grid(
             _progress(i, len(jobs), out[-1])
         return out
     # spawn: a forked child inherits torch's thread pools and can hang in them
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(base,)) as pool:
-        for i, rec in enumerate(pool.imap_unordered(_run_one, jobs), 1):
-            out.append(rec)
-            _progress(i, len(jobs), rec)
+    pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(base,))
+    for i, rec in enumerate(pool.imap_unordered(_run_one, jobs), 1):
+        out.append(rec)
+        _progress(i, len(jobs), rec)
+    pool.close()
+    pool.join()
     order = {json.dumps(p, sort_keys=True): i for i, p in enumerate(points)}
     return sorted(out, key=lambda r: order[json.dumps(r["params"], sort_keys=True)])
 
@@ -224,7 +227,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     grid = QUICK_GRID if args.quick else GRID
     tokens = args.tokens or (4096 if args.quick else 32768)
-    out = args.out or RESULTS / ("landscape-quick.json" if args.quick else "landscape.json")
+    out = args.out or (QUICK / "landscape-quick.json" if args.quick else RESULTS / "landscape.json")
     points = grid_points(grid)[: args.limit]
     base = base_run(args.data.resolve(), tokens, args.threads)
     print(

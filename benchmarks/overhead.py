@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -104,7 +103,8 @@ def plain(configs_file: Path, workers: int) -> None:
     configs = json.loads(configs_file.read_text())
     with mp.get_context("spawn").Pool(workers) as pool:
         spans = pool.map(_plain_one, configs, chunksize=1)
-    print(json.dumps({"first_start": min(s for s, _ in spans), "last_end": max(e for _, e in spans)}))
+    first, last = min(s for s, _ in spans), max(e for _, e in spans)
+    print(json.dumps({"first_start": first, "last_end": last}))
 
 
 # ---- the three measurements ------------------------------------------------------------------
@@ -164,30 +164,36 @@ def driver_memory(tmp: Path, trials: int) -> dict[str, Any]:
         "run.model.n_positions=64",
         "space={lr: {loguniform: [1.0e-4, 1.0e-2]}}",
     ]
-    samples: list[tuple[int, int]] = []  # (trials started, driver RSS bytes)
+    samples: list[tuple[float, int, int]] = []  # (epoch s, trials started, driver RSS bytes)
 
     def sample(pid: int) -> None:
         rss = rss_bytes(pid)
-        if rss is None:
-            return
-        samples.append((len(list(results.glob("trial-*"))), rss))
+        if rss is not None:
+            samples.append((time.time(), len(list(results.glob("trial-*"))), rss))
 
-    _, wall, rc = run_timed(search_command(name, tmp, overrides), tmp / "memory.log", sample)
+    cmd = search_command(name, tmp, overrides)
+    launch, wall, rc = run_timed(cmd, tmp / "memory.log", sample)
     if rc != 0:
         raise SystemExit(f"adaptune search failed (rc {rc}); see {tmp / 'memory.log'}")
-    fit = [(n, rss) for n, rss in samples if n >= min(10, trials)]
+    runs = child_runs(f"sqlite:///{tmp / 'mlflow.db'}", name)
+    last_end = max(r.info.end_time for r in runs) / 1000
+    during = [(n, rss) for t, n, rss in samples if t <= last_end]  # the summary phase left out
+    skip = min(10, trials)
+    fit = [(n, rss) for n, rss in during if n >= skip]
     xs, ys = [n for n, _ in fit], [rss for _, rss in fit]
     slope = statistics.linear_regression(xs, ys).slope if len(set(xs)) > 1 else 0.0
 
-    def rss_at(n: int) -> float:
-        return max((r for k, r in samples if k == n), default=float("nan")) / 2**20
+    def rss_when(n: int) -> float:  # MiB, when the n-th trial had started
+        return next((rss for k, rss in during if k >= n), float("nan")) / 2**20
 
-    marks = sorted({1, min(10, trials), trials // 2, trials})
+    marks = sorted({1, skip, trials // 2, trials})
     return {
         "trials": trials,
         "wall_s": wall,
-        "rss_mib": {n: rss_at(n) for n in marks},
-        "peak_mib": max(r for _, r in samples) / 2**20,
+        "trials_s": last_end - min(r.info.start_time for r in runs) / 1000,
+        "rss_mib": {n: rss_when(n) for n in marks},
+        "after_last_trial_mib": during[-1][1] / 2**20,
+        "peak_mib": max(rss for _, _, rss in samples) / 2**20,
         "growth_kib_per_trial": slope / 1024,
     }
 
@@ -198,6 +204,7 @@ def main() -> None:
     parser.add_argument("--short-trials", type=int, default=100, help="trials for memory")
     parser.add_argument("--set", action="append", default=[], help="extra override, KEY=VALUE")
     parser.add_argument("--quick", action="store_true", help="tiny trials, a smoke test")
+    parser.add_argument("--workdir", type=Path, help="keep logs, Ray results and MLflow here")
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -210,7 +217,8 @@ def main() -> None:
         trials, short = 2, 10
         overrides = ["run.stream.max_train_tokens=8192", *overrides]
     with tempfile.TemporaryDirectory(prefix="adaptune-overhead-") as tmp_name:
-        tmp = Path(tmp_name)
+        tmp = args.workdir or Path(tmp_name)
+        tmp.mkdir(parents=True, exist_ok=True)
         w = wall_ratio(tmp, trials, overrides)
         print(
             f"\n## Orchestration overhead: {trials} quickstart trials, 2 at once, 1 CPU each\n\n"
@@ -225,14 +233,17 @@ def main() -> None:
         )
         m = driver_memory(tmp, short)
     print(
-        f"\n## Driver memory: {m['trials']} short trials (1 task, 2 at once) in "
+        f"\n## Driver memory: {m['trials']} short trials (1 task, 2 at once); the trials took "
+        f"{m['trials_s']:.0f} s ({m['trials_s'] / m['trials']:.2f} s per trial), the command "
         f"{m['wall_s']:.0f} s\n\n| trials started | driver RSS (MiB) |\n|---|---|"
     )
     for n, mib in m["rss_mib"].items():
         print(f"| {n} | {mib:.0f} |")
     print(
-        f"\n| figure | value |\n|---|---|\n| peak driver RSS | {m['peak_mib']:.0f} MiB |\n"
-        f"| growth per trial (after trial {min(10, short)}) | "
+        f"\n| figure | value |\n|---|---|\n"
+        f"| driver RSS after the last trial | {m['after_last_trial_mib']:.0f} MiB |\n"
+        f"| peak driver RSS (champion registration included) | {m['peak_mib']:.0f} MiB |\n"
+        f"| growth per trial (least squares, trials {min(10, short)}-{short}) | "
         f"{m['growth_kib_per_trial']:.1f} KiB |"
     )
 

@@ -29,7 +29,8 @@ makes them; ASHA with adaptune's defaults, grace_period 1, reduction_factor 2):
 
 Prints one table per budget (median and min-max regret over seeds), writes the trajectories to
 ``benchmarks/results/search_efficiency.json`` and the plot to ``docs/img/regret_vs_compute.png``.
-``--quick`` replays ``landscape-quick.json`` with one seed (a smoke test; writes nothing to docs).
+``--quick`` replays ``runs/bench/landscape-quick.json`` (from ``landscape.py --quick``) with one
+seed (a smoke test; writes nothing).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+QUICK = ROOT / "runs" / "bench"  # smoke-test output, not committed
 PLOT = ROOT / "docs" / "img" / "regret_vs_compute.png"
 
 # name -> (sampler, scheduler, how ASHA-stopped trials reach Optuna)
@@ -170,9 +172,7 @@ def run_search(
     )
     kwargs = {"metric": "stream_loss", "mode": "min", "sampler": sampler}
     searcher = (
-        OptunaSearch(**kwargs)
-        if told == "complete"
-        else ContinualOptunaSearch(max_t=T, **kwargs)  # type: ignore[arg-type]
+        OptunaSearch(**kwargs) if told == "complete" else ContinualOptunaSearch(max_t=T, **kwargs)  # type: ignore[arg-type]
     )
     paths = {name: tuple(path) for name, path in landscape["meta"]["paths"].items()}
     table = {key_of(r["params"], list(paths)): r["tasks"] for r in landscape["configs"]}
@@ -277,9 +277,10 @@ def report(results: dict[str, Any]) -> str:
     lines += ["", "| target | value | met |", "|---|---|---|"]
     if "default" in meta["variants"] and TARGET_BUDGET in meta["budgets"]:
         v = med("default", TARGET_BUDGET)
+        met = "yes" if v <= TARGET_NATS else "no"
         lines.append(
             f"| default within {TARGET_NATS} nats of the grid's best at "
-            f"{TARGET_BUDGET:.0%} (median regret) | {v:.4f} | {'yes' if v <= TARGET_NATS else 'no'} |"
+            f"{TARGET_BUDGET:.0%} (median regret) | {v:.4f} | {met} |"
         )
     for rnd in ("random", "random+asha"):
         if "default" not in meta["variants"] or rnd not in meta["variants"]:
@@ -358,8 +359,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="landscape-quick.json, 1 seed")
     args = parser.parse_args()
-    landscape_path = args.landscape or RESULTS / (
-        "landscape-quick.json" if args.quick else "landscape.json"
+    landscape_path = args.landscape or (
+        QUICK / "landscape-quick.json" if args.quick else RESULTS / "landscape.json"
     )
     if not landscape_path.is_file():
         quick = " --quick" if args.quick else ""
@@ -380,8 +381,10 @@ def main() -> None:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # no per-trial CSV/JSON/TB files
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import optuna
     import ray
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     runs = []
     start = time.perf_counter()

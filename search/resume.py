@@ -50,8 +50,12 @@ def inspect_search_dir(location: str) -> SearchDir:
     import pyarrow.fs
     from ray.tune import Tuner
 
-    fs, path = _fs(location)
-    entries = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    try:
+        fs, path = _fs(location)
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    except (OSError, ValueError) as err:  # unknown scheme, unreachable bucket, no permission
+        first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise ConfigError(f"storage_path: cannot read {location}: {first}") from None
     if not entries:
         return SearchDir(location, "new")
     info = read_search_info(location)

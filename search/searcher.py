@@ -120,7 +120,9 @@ class ContinualOptunaSearch(OptunaSearch):
           adopts one such orphan (same study trial, same parameters, user attribute
           ``adaptune.lost_ray_trial_id``) instead of adding a trial, so the study ends with
           exactly ``num_samples`` trials. An orphan killed inside ``ask`` (parameters missing)
-          never ran and is told FAIL.
+          never ran and is told FAIL. The snapshot's sampler had not drawn the orphans yet:
+          left alone, its seeded generator would propose their parameters again for the next
+          new trials, so it is reseeded (the rest of such a search is not reproducible by seed).
         """
         super().restore(checkpoint_path)
         if self._ot_study is None or self._storage is None:
@@ -140,6 +142,7 @@ class ContinualOptunaSearch(OptunaSearch):
         for number, frozen in sorted(in_study.items()):
             if number in known or frozen.state != optuna.trial.TrialState.RUNNING:
                 continue
+            self.study.sampler.reseed_rng()
             if set(frozen.params) == set(self._space or {}):
                 self._orphans.append(number)
             else:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 import yaml
 
 from search.cli import main
@@ -226,6 +227,7 @@ def test_the_good_experiment_passes_the_dry_run(
     assert f"optuna:     sqlite:///{tmp_path}/runs/ray/bad-input/optuna.db" in out
     assert f"mlflow:     sqlite:///{tmp_path}/runs/mlflow.db" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == [FILE]  # nothing written
+    assert not ray.is_initialized()  # nothing started
 
 
 @pytest.mark.parametrize(

@@ -1,16 +1,17 @@
 """A real two-node Ray cluster on this machine, driven by ``adaptune search --address``.
 
 ``ray start --head`` on loopback and a second ``ray start --address`` worker node with its own
-raylet and resources (one CPU each), as a user starts a cluster by hand; both use token
-authentication the way Ray >= 2.59 sets it up: the head turns it on because a token file exists,
-the worker is told ``RAY_AUTH_MODE=token``, and the driver (``adaptune search --address``) is told
-nothing. The search's ``storage_path`` is a ``file://`` URI, which goes to Ray (and pyarrow) as
-given, while the Optuna study stays local. Two trials at a time with one CPU each must land on
-both nodes; the MLflow child runs say where (tag ``adaptune.node_id``).
+raylet and resources (one CPU each), as a user starts a cluster by hand. Token authentication is
+set up the way Ray >= 2.59 does it: the head turns it on because a token file exists, the worker
+is told ``RAY_AUTH_MODE=token``, and the drivers (``adaptune search --address HOST:PORT``, and one
+connecting with ``auto`` that lists the nodes) are told nothing. The search's ``storage_path`` is
+a ``file://`` URI, which goes to Ray (and pyarrow) as given, while the Optuna study stays on the
+driver's disk. Two trials at a time with one CPU each must land on both nodes; the MLflow child
+runs, written by the driver alone, say where (tag ``adaptune.node_id``).
 
 Only the processes this test starts are stopped (never ``ray stop``: other Ray sessions may run
-on the machine): everything whose command line names the cluster's own ``--temp-dir``, and their
-children.
+on the machine): everything whose command line names the cluster's own Ray temp dir
+(``RAY_TMPDIR``), and their children.
 """
 
 from __future__ import annotations
@@ -34,13 +35,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from search.experiment import parse_experiment
 from search.resume import SEARCH_FILE
 from search.tracking import NODE_ID_TAG, PARENT_TAG, TRIAL_TAG
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc"),
-]
+from search.tuner import check_search, optuna_storage_file, search_location
+from trainables.errors import ConfigError
 
 RAY = str(Path(sys.executable).with_name("ray"))
 NAME = "cluster"
@@ -105,7 +104,7 @@ def _cluster_pids(marker: str) -> set[int]:
 def _stop_cluster(marker: str) -> None:
     """SIGTERM this cluster's processes, SIGKILL what is left after a grace period."""
     pids = _cluster_pids(marker)
-    for sig, wait in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 2.0)):
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
@@ -149,15 +148,28 @@ def _ray_start(args: list[str], env: dict[str, str]) -> None:
     assert proc.returncode == 0, f"ray start {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
 
 
+# A driver on the head that connects with `address="auto"` the way `adaptune search --address
+# auto` does, and lists the cluster's nodes.
+_LIST_NODES = """
+import json, ray
+from search.tuner import _use_token_auth_if_available
+_use_token_auth_if_available("auto")
+ray.init(address="auto", log_to_driver=False)
+print(json.dumps({n["NodeID"]: sorted(n["Resources"]) for n in ray.nodes() if n["Alive"]}))
+"""
+
+
 @pytest.fixture
 def two_node_cluster(tmp_path: Path) -> Iterator[Cluster]:
-    # unix socket paths must stay short (< 108 bytes): not under pytest's tmp_path
-    temp_dir = tempfile.mkdtemp(prefix="adt-", dir="/tmp")
+    # Ray's temp dir (default /tmp/ray) holds this cluster's sessions and `ray_current_cluster`
+    # (what `auto` finds); unix socket paths under it must stay short, so not under tmp_path.
+    ray_tmp = tempfile.mkdtemp(prefix="adt-", dir="/tmp")
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     env |= {
+        "RAY_TMPDIR": ray_tmp,  # instead of /tmp: other Ray sessions may run on this machine
         "RAY_AUTH_TOKEN_PATH": str(token),  # instead of ~/.ray/auth_token
         "HF_HUB_OFFLINE": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -170,7 +182,6 @@ def two_node_cluster(tmp_path: Path) -> Iterator[Cluster]:
         "--num-cpus=1",
         "--num-gpus=0",
         "--object-store-memory=100000000",
-        f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
     try:
@@ -185,14 +196,24 @@ def two_node_cluster(tmp_path: Path) -> Iterator[Cluster]:
             [f"--address={address}", '--resources={"adaptune_worker": 1}', *common],
             env | {"RAY_AUTH_MODE": "token"},
         )
-        nodes = _raylet_node_ids(temp_dir)
+        nodes = _raylet_node_ids(ray_tmp)
         assert sorted(nodes.values()) == ["head", "worker"], nodes
+        listed = subprocess.run(
+            [sys.executable, "-c", _LIST_NODES],
+            env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )
+        assert listed.returncode == 0, listed.stderr[-4000:]
+        alive = json.loads(listed.stdout.strip().splitlines()[-1])
+        assert set(alive) == set(nodes), (alive, nodes)
+        assert "adaptune_worker" in alive[next(n for n, k in nodes.items() if k == "worker")]
         yield Cluster(address=address, env=env, nodes=nodes)
     finally:
-        _stop_cluster(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop_cluster(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_search_on_a_two_node_cluster(two_node_cluster: Cluster, tmp_path: Path) -> None:
     shared = tmp_path / "shared"  # "shared storage": both nodes see this machine's disk
     exp = EXPERIMENT | {"storage_path": shared.as_uri()}
@@ -204,6 +225,7 @@ def test_search_on_a_two_node_cluster(two_node_cluster: Cluster, tmp_path: Path)
         cwd=tmp_path, env=two_node_cluster.env, capture_output=True, text=True, timeout=600,
     )
     took = time.perf_counter() - start
+    print(proc.stdout[-3000:])
     assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     assert f"champion: models:/adaptune-{NAME}@champion" in proc.stdout
     assert "Connecting to existing Ray cluster" in proc.stderr + proc.stdout
@@ -229,7 +251,28 @@ def test_search_on_a_two_node_cluster(two_node_cluster: Cluster, tmp_path: Path)
     # results went to the storage URI; the Optuna study stays on the driver's disk
     info = json.loads((shared / NAME / SEARCH_FILE).read_text())
     assert info["state"] == "finished"
+    trial_dirs = sorted((shared / NAME).glob("trial-*"))
+    assert len(trial_dirs) == 4 and all(any(d.glob("checkpoint_*")) for d in trial_dirs)
     assert (tmp_path / "runs" / "optuna" / f"{NAME}.db").is_file()
     per_node = {kind: sum(two_node_cluster.nodes[n] == kind for n in where.values())
                 for kind in ("head", "worker")}
     print(f"search on 2 nodes: {took:.0f}s; trials per node: {per_node}")
+
+
+def test_storage_uri_goes_to_ray_as_given_and_optuna_stays_local(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    exp = parse_experiment(EXPERIMENT | {"storage_path": "s3://bucket/prefix/"})
+    assert search_location(exp) == f"s3://bucket/prefix/{NAME}"
+    assert optuna_storage_file(exp) == tmp_path / "runs" / "optuna" / f"{NAME}.db"
+    exp = parse_experiment(EXPERIMENT | {"storage_path": "shared"})
+    assert search_location(exp) == str(tmp_path / "shared" / NAME)
+    assert optuna_storage_file(exp) == tmp_path / "shared" / NAME / "optuna.db"
+
+
+def test_storage_that_cannot_be_read_is_refused_in_one_line(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    exp = parse_experiment(EXPERIMENT | {"storage_path": "nosuchfs://bucket/prefix"})
+    with pytest.raises(ConfigError) as err:
+        check_search(exp)
+    assert str(err.value).startswith(f"storage_path: cannot read nosuchfs://bucket/prefix/{NAME}: ")
+    assert "\n" not in str(err.value)

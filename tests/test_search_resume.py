@@ -163,14 +163,17 @@ def test_restored_searcher_adopts_orphans_and_tells_nothing_twice(tmp_path: Path
     searcher.on_trial_complete("a", result=_result(T, 2.0))  # Tune finishes `a` again
     adopted = searcher.suggest("d")  # Tune's restored counter asks once more
     assert adopted == lost
+    fresh = searcher.suggest("e")  # a new trial: not the orphan's parameters drawn again
+    assert fresh != lost
+    searcher.on_trial_complete("e", error=True)
     for trial_id in ("b", "d"):
         searcher.on_trial_result(trial_id, _result(1, 3.0))
         searcher.on_trial_complete(trial_id, result=_result(T, 2.5))
 
     study = optuna.load_study(study_name="demo", storage=f"sqlite:///{db}")
-    assert len(study.trials) == 3  # a, b, and c re-run as d: no extra trial
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
-    assert [t.user_attrs["ray_trial_id"] for t in study.trials] == ["a", "b", "d"]
+    assert len(study.trials) == 4  # a, b, c re-run as d, e: no extra trial
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 + ["FAIL"]
+    assert [t.user_attrs["ray_trial_id"] for t in study.trials] == ["a", "b", "d", "e"]
     assert study.trials[2].user_attrs["adaptune.lost_ray_trial_id"] == "c"
     assert study.trials[0].value == 2.0 and study.trials[2].value == 2.5
 

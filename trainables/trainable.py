@@ -31,8 +31,14 @@ def continual_trainable(config: dict[str, Any]) -> None:
 
     cfg = parse_run_config(config)
     node_id = ray.get_runtime_context().get_node_id()
+    resources = tune.get_context().get_trial_resources().required_resources
+    if cfg.hardware.device == "auto" and not resources.get("GPU", 0):
+        # a trial that reserved no GPU must not use one: Ray (since ray-project/ray#54868) no
+        # longer hides the GPUs from zero-GPU workers, so "auto" would take one given to others
+        hardware = cfg.hardware.model_copy(update={"device": "cpu"})
+        cfg = cfg.model_copy(update={"hardware": hardware})
     prep = prepare(cfg)
-    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    cpus = resources.get("CPU", 1)
 
     def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
         import torch
