@@ -137,12 +137,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"champion: {summary.model_uri} (version {summary.model_version}, "
           f"trial {summary.best.trial_id if summary.best else '?'})")
     mlflow_name = exp.tracking.experiment_name or exp.name
-    print(
-        "\nwhere to look:\n"
-        f"  adaptune ui {args.experiment}            # the trials in the MLflow UI, best first\n"
-        f"  adaptune export {mlflow_name} -o best.yaml   # the winner as a runnable experiment\n"
-        "  adaptune train best.yaml                   # rerun it"
-    )
+    lines = [
+        (f"adaptune ui {args.experiment}", "the trials in the MLflow UI, best first"),
+        (f"adaptune export {mlflow_name} -o best.yaml", "the winner as a runnable experiment"),
+        ("adaptune train best.yaml", "rerun it"),
+    ]
+    width = max(len(cmd) for cmd, _ in lines)
+    print("\nwhere to look:")
+    for cmd, what in lines:
+        print(f"  {cmd:<{width}}  # {what}")
     return 0
 
 

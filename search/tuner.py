@@ -320,6 +320,9 @@ def build_tuner(
     # CLIReporter shows one row per trial with the searched values and the task-level metrics.
     # It only takes effect with the classic output engine (RAY_AIR_NEW_OUTPUT=0).
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # num_to_keep forces an experiment snapshot after every checkpoint; on short tasks Ray then
+    # warns at every task that snapshots are frequent. That is the intended trade-off here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     reporter = tune.CLIReporter(
         parameter_columns={"/".join(HYPERPARAMETERS[n]): n for n in exp.space},
         metric_columns={
@@ -376,6 +379,7 @@ def restore_tuner(
 
     resources = {"cpu": exp.resources.cpus_per_trial, "gpu": exp.resources.gpus_per_trial}
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the pickled CLIReporter needs the classic engine
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     return tune.Tuner.restore(
         search_location(exp),
         trainable=tune.with_resources(trainable or continual_trainable, resources),

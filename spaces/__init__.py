@@ -8,6 +8,9 @@ A space maps hyperparameter names (``lr``, ``buffer_size``, ``ewc_lambda``, ... 
     buffer_size: {int: [0, 2048]}            # inclusive bounds
     ewc_mode: {choice: [separate, online]}
     temperature: 2.0                         # a fixed value
+
+or a named preset (``replay``, ``ewc``, ``distill``, ``all``; see :mod:`spaces.presets`)
+with optional overrides: ``{preset: replay, lr: {loguniform: [1.0e-4, 1.0e-3]}}``.
 """
 
 from __future__ import annotations
@@ -72,6 +75,13 @@ def check_space(space: dict[str, Any]) -> dict[str, Spec]:
     Raises:
         ValueError: an unknown hyperparameter name, listing the valid ones.
     """
+    if "preset" in space:
+        from spaces.presets import PRESETS
+
+        name = space["preset"]
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown preset {name!r}; valid values: {', '.join(PRESETS)}")
+        space = {**PRESETS[name], **{k: v for k, v in space.items() if k != "preset"}}
     parsed: dict[str, Spec] = {}
     for name, spec in space.items():
         if name not in HYPERPARAMETERS:

@@ -16,31 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from spaces import Dist, Spec, check_space
+from spaces.presets import PRESETS  # noqa: F401  (re-exported)
 from trainables.config import HYPERPARAMETERS, with_absolute_paths
-
-# Literature ranges (see docs: DESIGN.md "Hyperparameter ranges"). Each preset searches the
-# learning rate, the first-order knob for forgetting, plus one method's knobs; "all" combines them.
-_LR: dict[str, Any] = {"lr": {"loguniform": [1e-5, 3e-3]}}
-_REPLAY: dict[str, Any] = {
-    "buffer_size": {"int": [0, 5000]},  # blocks; 0 = replay off
-    "replay_fraction": {"uniform": [0.005, 0.5]},  # 0.5 %-50 % of each batch
-}
-_EWC: dict[str, Any] = {
-    # published λ spans 0.7..1e10 depending on the Fisher estimator; ours is the per-sequence
-    # empirical Fisher in float32, where useful values sit inside these eight decades.
-    "ewc_lambda": {"loguniform": [1e-2, 1e6]},
-}
-_DISTILL: dict[str, Any] = {
-    "distill_alpha": {"loguniform": [0.5, 10.0]},  # LwF α
-    "temperature": {"uniform": [1.0, 4.0]},  # ≈ 2 in LwF
-}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "replay": {**_LR, **_REPLAY},
-    "ewc": {**_LR, **_EWC},
-    "distill": {**_LR, **_DISTILL},
-    "all": {**_LR, **_REPLAY, **_EWC, **_DISTILL},
-}
 
 
 def to_tune(spec: Spec) -> Any:

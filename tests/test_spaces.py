@@ -55,8 +55,14 @@ def test_presets_name_real_hyperparameters_and_convert(preset: str) -> None:
 
 def test_all_preset_covers_the_design_knobs_with_literature_ranges() -> None:
     space = PRESETS["all"]
-    for name in ("lr", "ewc_lambda", "distill_alpha", "buffer_size", "replay_fraction",
-                 "temperature"):
+    for name in (
+        "lr",
+        "ewc_lambda",
+        "distill_alpha",
+        "buffer_size",
+        "replay_fraction",
+        "temperature",
+    ):
         assert name in space
     low, high = space["ewc_lambda"]["loguniform"]
     assert math.log10(high / low) >= 6  # EWC λ spans many decades
@@ -101,3 +107,26 @@ def test_build_param_space_replaces_leaves_in_the_run_config() -> None:
     _, config = next(sampled)
     cfg = parse_run_config(config)
     assert 1e-4 <= cfg.optim.lr <= 1e-2 and 0 <= cfg.components.replay.buffer_size <= 64
+
+
+def test_a_preset_is_usable_from_an_experiment_with_overrides() -> None:
+    from search.experiment import load_experiment
+    from spaces.presets import PRESETS
+
+    exp = load_experiment(
+        "experiments/quickstart.yaml",
+        ["space={preset: all, lr: {loguniform: [1.0e-4, 1.0e-3]}}"],
+    )
+    assert set(exp.space) == set(PRESETS["all"])
+    assert isinstance(exp.space["lr"], Dist)
+    assert tuple(exp.space["lr"].values()) == (1e-4, 1e-3)
+
+
+def test_an_unknown_preset_lists_the_valid_ones() -> None:
+    from search.experiment import load_experiment
+    from trainables.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"space: preset: unknown preset 'lwf'; valid values: replay, ewc"
+    ):
+        load_experiment("experiments/quickstart.yaml", ["space={preset: lwf}"])

@@ -26,9 +26,14 @@ def continual_trainable(config: dict[str, Any]) -> None:
     ``config`` is a plain nested dict in the shape of :class:`trainables.config.RunConfig`;
     it is validated again here with the same schema as the experiment file.
     """
+    import logging
+
     import ray
     from ray import tune
 
+    # One "Checkpoint successfully created" INFO line per task and trial drowns the progress
+    # table on the driver; checkpoint errors are still logged at WARNING and above.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     cfg = parse_run_config(config)
     node_id = ray.get_runtime_context().get_node_id()
     resources = tune.get_context().get_trial_resources().required_resources
