@@ -18,7 +18,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-SHARED_DATA = Path(os.environ.get("ADAPTUNE_SHARED_DATA", "/work/shared/data"))
+# The read-only corpora live in shared/data beside the repository's clone.
+SHARED_DATA = Path(
+    os.environ.get("ADAPTUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 GPT2_TOKENIZER_DIR = SHARED_DATA / "tokenizers" / "gpt2"
 
 
