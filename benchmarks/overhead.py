@@ -4,7 +4,8 @@
 
 1. Wall time. ``adaptune search experiments/quickstart.yaml`` (Ray Tune + OptunaSearch, ASHA off:
    ``search.scheduler=fifo``; MLflow tracking and per-task checkpoints on, champion registered;
-   2 trials at once, 1 CPU each) runs ``--trials`` trials in a temporary directory. The same
+   2 trials at once, 1 CPU each) runs ``--trials`` trials (default: the quickstart's 12, about
+   30 s each) in a temporary directory. The same
    trials (their configs read back from Ray's ``params.json``) then run as plain
    ``prepare`` + ``run_stream`` calls in one Python process, 2 at once in a process pool, with the
    same threads. Both are timed from outside, interpreter start included.
@@ -104,7 +105,7 @@ def plain(configs_file: Path, workers: int) -> None:
     with mp.get_context("spawn").Pool(workers) as pool:
         spans = pool.map(_plain_one, configs, chunksize=1)
     first, last = min(s for s, _ in spans), max(e for _, e in spans)
-    print(json.dumps({"first_start": first, "last_end": last}))
+    print(json.dumps({"first_start": first, "last_end": last, "spans": spans}))
 
 
 # ---- the three measurements ------------------------------------------------------------------
@@ -113,7 +114,9 @@ def plain(configs_file: Path, workers: int) -> None:
 def wall_ratio(tmp: Path, trials: int, overrides: list[str]) -> dict[str, Any]:
     name = "overhead-wall"
     cmd = search_command(name, tmp, [f"search.num_samples={trials}", *overrides])
+    search_load = [os.getloadavg()[0]]
     launch, search_wall, rc = run_timed(cmd, tmp / "search.log")
+    search_load.append(os.getloadavg()[0])
     if rc != 0:
         raise SystemExit(f"adaptune search failed (rc {rc}); see {tmp / 'search.log'}")
     configs = trial_configs(tmp / "ray" / name)
@@ -124,7 +127,9 @@ def wall_ratio(tmp: Path, trials: int, overrides: list[str]) -> dict[str, Any]:
     last_end = max(r.info.end_time for r in runs) / 1000
     (tmp / "configs.json").write_text(json.dumps(configs))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(tmp / "configs.json")]
+    plain_load = [os.getloadavg()[0]]
     p_launch, plain_wall, rc = run_timed(cmd, tmp / "plain.log")
+    plain_load.append(os.getloadavg()[0])
     if rc != 0:
         raise SystemExit(f"plain baseline failed (rc {rc}); see {tmp / 'plain.log'}")
     spans = json.loads((tmp / "plain.log").read_text().strip().splitlines()[-1])
@@ -137,6 +142,12 @@ def wall_ratio(tmp: Path, trials: int, overrides: list[str]) -> dict[str, Any]:
         "search_after_last_trial_s": launch + search_wall - last_end,
         "plain_first_trial_s": spans["first_start"] - p_launch,
         "plain_after_last_trial_s": p_launch + plain_wall - spans["last_end"],
+        "search_trial_s": statistics.median(
+            (r.info.end_time - r.info.start_time) / 1000 for r in runs
+        ),
+        "plain_trial_s": statistics.median(e - b for b, e in spans["spans"]),
+        "search_load": search_load,
+        "plain_load": plain_load,
     }
 
 
@@ -200,11 +211,12 @@ def driver_memory(tmp: Path, trials: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=4, help="trials of the wall-time figure")
+    parser.add_argument("--trials", type=int, default=12, help="trials of the wall-time figure")
     parser.add_argument("--short-trials", type=int, default=100, help="trials for memory")
     parser.add_argument("--set", action="append", default=[], help="extra override, KEY=VALUE")
     parser.add_argument("--quick", action="store_true", help="tiny trials, a smoke test")
     parser.add_argument("--workdir", type=Path, help="keep logs, Ray results and MLflow here")
+    parser.add_argument("--only", choices=["wall", "memory"], help="run one of the two parts")
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -219,19 +231,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="adaptune-overhead-") as tmp_name:
         tmp = args.workdir or Path(tmp_name)
         tmp.mkdir(parents=True, exist_ok=True)
-        w = wall_ratio(tmp, trials, overrides)
-        print(
-            f"\n## Orchestration overhead: {trials} quickstart trials, 2 at once, 1 CPU each\n\n"
-            "| figure | adaptune search | plain calls | target |\n|---|---|---|---|\n"
-            f"| wall time | {w['search_wall_s']:.1f} s | {w['plain_wall_s']:.1f} s | |\n"
-            f"| wall-time ratio | {w['ratio']:.3f} | 1 | <= 1.10 |\n"
-            f"| command launch -> first trial start | {w['search_first_trial_s']:.1f} s | "
-            f"{w['plain_first_trial_s']:.1f} s | |\n"
-            f"| last trial end -> command exit | {w['search_after_last_trial_s']:.1f} s | "
-            f"{w['plain_after_last_trial_s']:.1f} s | |",
-            flush=True,
-        )
-        m = driver_memory(tmp, short)
+        if args.only != "memory":
+            print_wall(wall_ratio(tmp, trials, overrides))
+        if args.only != "wall":
+            print_memory(driver_memory(tmp, short))
+
+
+def print_wall(w: dict[str, Any]) -> None:
+    print(
+        f"\n## Orchestration overhead: {w['trials']} quickstart trials, 2 at once, 1 CPU each\n\n"
+        "| figure | adaptune search | plain calls | target |\n|---|---|---|---|\n"
+        f"| wall time | {w['search_wall_s']:.1f} s | {w['plain_wall_s']:.1f} s | |\n"
+        f"| wall-time ratio | {w['ratio']:.3f} | 1 | <= 1.10 |\n"
+        f"| command launch -> first trial start | {w['search_first_trial_s']:.1f} s | "
+        f"{w['plain_first_trial_s']:.1f} s | |\n"
+        f"| median trial duration | {w['search_trial_s']:.1f} s | {w['plain_trial_s']:.1f} s | |\n"
+        f"| last trial end -> command exit | {w['search_after_last_trial_s']:.1f} s | "
+        f"{w['plain_after_last_trial_s']:.1f} s | |\n"
+        f"| 1-min load average before / after | {w['search_load'][0]:.2f} / "
+        f"{w['search_load'][1]:.2f} | {w['plain_load'][0]:.2f} / {w['plain_load'][1]:.2f} | |",
+        flush=True,
+    )
+
+
+def print_memory(m: dict[str, Any]) -> None:
     print(
         f"\n## Driver memory: {m['trials']} short trials (1 task, 2 at once); the trials took "
         f"{m['trials_s']:.0f} s ({m['trials_s'] / m['trials']:.2f} s per trial), the command "
@@ -243,8 +266,9 @@ def main() -> None:
         f"\n| figure | value |\n|---|---|\n"
         f"| driver RSS after the last trial | {m['after_last_trial_mib']:.0f} MiB |\n"
         f"| peak driver RSS (champion registration included) | {m['peak_mib']:.0f} MiB |\n"
-        f"| growth per trial (least squares, trials {min(10, short)}-{short}) | "
-        f"{m['growth_kib_per_trial']:.1f} KiB |"
+        f"| growth per trial (least squares, trials {min(10, m['trials'])}-{m['trials']}) | "
+        f"{m['growth_kib_per_trial']:.1f} KiB |",
+        flush=True,
     )
 
 
