@@ -216,7 +216,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="extra override, KEY=VALUE")
     parser.add_argument("--quick", action="store_true", help="tiny trials, a smoke test")
     parser.add_argument("--workdir", type=Path, help="keep logs, Ray results and MLflow here")
-    parser.add_argument("--only", choices=["wall", "memory"], help="run one of the two parts")
+    parser.add_argument(
+        "--only", choices=["wall", "memory", "startup"], help="run one part (startup: its steps)"
+    )
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -231,10 +233,55 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="adaptune-overhead-") as tmp_name:
         tmp = args.workdir or Path(tmp_name)
         tmp.mkdir(parents=True, exist_ok=True)
+        if args.only == "startup":
+            startup_steps(tmp)
+            return
         if args.only != "memory":
             print_wall(wall_ratio(tmp, trials, overrides))
         if args.only != "wall":
             print_memory(driver_memory(tmp, short))
+
+
+def startup_steps(tmp: Path) -> None:
+    """Time, in this process, the steps ``adaptune search`` takes before Tune starts a trial."""
+    laps: list[tuple[str, float]] = []
+    t = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        laps.append((step, now - t))
+        t = now
+
+    import search.cli  # noqa: F401  (what the `adaptune` entry point imports)
+
+    lap("import the CLI (search, pydantic, yaml)")
+    from search.experiment import load_experiment
+    from search.tuner import check_search
+
+    exp = load_experiment(
+        EXPERIMENT,
+        [f"storage_path={tmp / 'ray'}", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}"],
+    )
+    check_search(exp)
+    lap("load and check the experiment")
+    from trainables.run import prepare
+
+    prepare(exp.run)
+    lap("prepare: tokenizer, model check, tokenize the stream")
+    import mlflow
+
+    mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").search_experiments()
+    lap("MLflow: create the sqlite store (first search only)")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    lap("ray.init (local cluster)")
+    ray.shutdown()
+    print("\n| step before the first trial | seconds |\n|---|---|")
+    for step, seconds in laps:
+        print(f"| {step} | {seconds:.1f} |")
+    print(f"| total | {sum(s for _, s in laps):.1f} |")
 
 
 def print_wall(w: dict[str, Any]) -> None:

@@ -357,7 +357,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--landscape", type=Path, default=None)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--seeds", type=int, default=20, help="seeds 0..N-1 per variant")
+    parser.add_argument("--seeds", type=int, default=50, help="seeds 0..N-1 per variant")
     parser.add_argument("--budgets", default="0.1,0.25,0.5", help="fractions of the grid")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--concurrency", type=int, default=1, help="trials at once")
