@@ -90,6 +90,33 @@ def test_estimate_fisher_skips_frozen_parameters() -> None:
     assert float(fisher["a"]) == pytest.approx(FISHER_A, rel=1e-5)
 
 
+def test_fisher_on_a_transformers_gpt_uses_vmap_and_matches_the_loop() -> None:
+    # The fast path must really run on the default model (a silent fallback to the loop would
+    # still give right numbers, only slower), and give the loop's numbers; the model's
+    # pad-token setting and attention implementation are restored afterwards.
+    from transformers import ByT5Tokenizer
+
+    from trainables.components.ewc import _fisher_loop, _fisher_vmap
+    from trainables.config import ModelConfig
+    from trainables.model import build_model
+
+    torch.manual_seed(0)
+    tok = ByT5Tokenizer()
+    model = build_model(
+        ModelConfig(name="tiny-gpt", n_layer=1, n_embd=32, n_head=2, n_positions=16), tok
+    ).eval()
+    pad, attn = model.config.pad_token_id, model.config._attn_implementation
+    assert pad is not None  # the check that used to break vmap is live on this model
+    blocks = torch.randint(3, 250, (6, 16))
+    fast = _fisher_vmap(model, blocks)
+    slow = _fisher_loop(model, blocks)
+    assert set(fast) == set(slow)
+    for name in slow:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-9)
+    assert model.config.pad_token_id == pad
+    assert model.config._attn_implementation == attn
+
+
 def test_ewc_penalty_by_hand() -> None:
     params = {"w": torch.tensor([1.0, 3.0]), "b": torch.tensor(2.0)}
     precision = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor(0.5)}

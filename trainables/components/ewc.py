@@ -81,7 +81,7 @@ def _fisher_vmap(model: nn.Module, blocks: Tensor) -> dict[str, Tensor]:
 
     per_seq = vmap(grad(loss), in_dims=(None, 0))
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    with _eager_attention(model):  # SDPA has no batching rule on CPU: eager is ~2x faster here
+    with _eager_attention(model), _no_padding_check(model):
         for i in range(0, blocks.shape[0], chunk):
             grads = per_seq(params, blocks[i : i + chunk])  # name -> (chunk, *shape)
             for n, g in grads.items():
@@ -90,7 +90,25 @@ def _fisher_vmap(model: nn.Module, blocks: Tensor) -> dict[str, Tensor]:
 
 
 @contextmanager
+def _no_padding_check(model: nn.Module) -> Iterator[None]:
+    """transformers checks ``pad_token_id in input_ids`` on every forward without an attention
+    mask; that ``.item()`` cannot run under ``vmap``, which then falls back to the slow loop.
+    Blocks are unpadded token streams, so the check is switched off while the Fisher runs."""
+    config = getattr(model, "config", None)
+    if getattr(config, "pad_token_id", None) is None:
+        yield
+        return
+    before = config.pad_token_id
+    config.pad_token_id = None
+    try:
+        yield
+    finally:
+        config.pad_token_id = before
+
+
+@contextmanager
 def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """SDPA has no batching rule on CPU: under ``vmap`` eager attention is faster."""
     config = getattr(model, "config", None)
     before = getattr(config, "_attn_implementation", None)
     setter = getattr(model, "set_attn_implementation", None)
