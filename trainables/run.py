@@ -278,7 +278,7 @@ def run_stream(
         t1 = time.perf_counter()
         if comps.replay is not None:
             comps.replay.after_task(task.train, gen)
-        if comps.ewc is not None:
+        if comps.ewc is not None and k < len(tasks):  # no later task needs the last Fisher
             comps.ewc.after_task(model, task.train, gen)
         after_s = time.perf_counter() - t1
 
