@@ -303,7 +303,39 @@ def report(results: dict[str, Any]) -> str:
     for frac in meta["budgets"]:
         best = min(meta["variants"], key=lambda v, f=frac: (*stats[(v, f)], v != "default"))
         lines.append(f"| lowest regret at {frac:.0%} (median, then mean) | {LABELS[best]} | |")
+    if "default" in meta["variants"]:
+        lines += [
+            "",
+            "Is the default's regret distribution different from each other variant's? "
+            "Two-sided Mann-Whitney U test over seeds (p < 0.05: a real difference; "
+            "larger: indistinguishable at this number of seeds).",
+            "",
+            "| default against | " + " | ".join(f"p at {f:.0%}" for f in meta["budgets"]) + " |",
+            "|---|" + "---|" * len(meta["budgets"]),
+        ]
+        for variant in meta["variants"]:
+            if variant == "default":
+                continue
+            ps = [
+                mann_whitney_p(
+                    regrets_at(results, "default", f), regrets_at(results, variant, f)
+                )
+                for f in meta["budgets"]
+            ]
+            lines.append(f"| {LABELS[variant]} | " + " | ".join(f"{p:.3f}" for p in ps) + " |")
     return "\n".join(lines)
+
+
+def mann_whitney_p(a: list[float], b: list[float]) -> float:
+    """Two-sided Mann-Whitney U p-value (scipy; seeds without a finished trial count as worst)."""
+    from scipy.stats import mannwhitneyu
+
+    if len(set(a) | set(b)) == 1:
+        return 1.0
+    big = 1e9  # mannwhitneyu ranks; inf would make it return nan
+    return float(
+        mannwhitneyu([min(x, big) for x in a], [min(x, big) for x in b]).pvalue
+    )
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -376,7 +408,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="trajectories (JSON)")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="landscape-quick.json, 1 seed")
+    parser.add_argument(
+        "--report", type=Path, default=None, help="print the tables of a results JSON and exit"
+    )
     args = parser.parse_args()
+    if args.report is not None:
+        print(report(json.loads(args.report.read_text())))
+        return
     landscape_path = args.landscape or (
         QUICK / "landscape-quick.json" if args.quick else RESULTS / "landscape.json"
     )
