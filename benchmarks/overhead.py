@@ -1,6 +1,7 @@
 """Orchestration overhead: `adaptune search` against the same trials as plain function calls.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/overhead.py [--trials 4] [--short-trials 100]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/overhead.py [--trials 12] [--short-trials 100]
+        [--only wall|memory|startup]
 
 1. Wall time. ``adaptune search experiments/quickstart.yaml`` (Ray Tune + OptunaSearch, ASHA off:
    ``search.scheduler=fifo``; MLflow tracking and per-task checkpoints on, champion registered;

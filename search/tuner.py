@@ -348,6 +348,10 @@ def build_tuner(
             num_samples=s.num_samples,
             time_budget_s=s.time_budget_s,
             trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
+            # Tune's default (False) starts a new worker process per trial, which re-imports
+            # torch and transformers: 3-4 s a trial on 2 cores (docs/benchmarks.md, section 2).
+            # The trainable keeps nothing between trials and frees CUDA memory when it ends.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=exp.name,
