@@ -317,9 +317,7 @@ def report(results: dict[str, Any]) -> str:
             if variant == "default":
                 continue
             ps = [
-                mann_whitney_p(
-                    regrets_at(results, "default", f), regrets_at(results, variant, f)
-                )
+                mann_whitney_p(regrets_at(results, "default", f), regrets_at(results, variant, f))
                 for f in meta["budgets"]
             ]
             lines.append(f"| {LABELS[variant]} | " + " | ".join(f"{p:.3f}" for p in ps) + " |")
@@ -333,9 +331,7 @@ def mann_whitney_p(a: list[float], b: list[float]) -> float:
     if len(set(a) | set(b)) == 1:
         return 1.0
     big = 1e9  # mannwhitneyu ranks; inf would make it return nan
-    return float(
-        mannwhitneyu([min(x, big) for x in a], [min(x, big) for x in b]).pvalue
-    )
+    return float(mannwhitneyu([min(x, big) for x in a], [min(x, big) for x in b]).pvalue)
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -377,8 +373,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("regret: found - grid best stream_loss (nats)")
-    n_seeds = len({r["seed"] for r in results["runs"]})
-    ax.set_title(f"median regret, quartile band, {n_seeds} seeds", fontsize=10)
+    counts = sorted({sum(r["variant"] == v for r in results["runs"]) for v in meta["variants"]})
+    n_seeds = f"{counts[0]}-{counts[-1]}" if counts[0] != counts[-1] else f"{counts[0]}"
+    ax.set_title(f"median regret, quartile band, {n_seeds} seeds per variant", fontsize=10)
     ax2.set_ylabel(f"seeds within {TARGET_NATS} nats of the grid's best (%)")
     ax2.set_ylim(-2, 102)
     ax2.set_title(
@@ -396,6 +393,14 @@ def main() -> None:
     parser.add_argument("--landscape", type=Path, default=None)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--seeds", type=int, default=50, help="seeds 0..N-1 per variant")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1 (to add seeds)"
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add these searches to the results JSON (--out) instead of replacing it",
+    )
     parser.add_argument("--budgets", default="0.1,0.25,0.5", help="fractions of the grid")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--concurrency", type=int, default=1, help="trials at once")
@@ -446,7 +451,7 @@ def main() -> None:
     start = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="adaptune-search-eff-") as tmp:
-            for seed in range(seeds):
+            for seed in range(args.first_seed, args.first_seed + seeds):
                 for variant in variants:
                     run = run_search(
                         variant,
@@ -498,6 +503,21 @@ def main() -> None:
         return
     out = args.out or RESULTS / "search_efficiency.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and out.is_file():
+        old = json.loads(out.read_text())
+        if (
+            old["meta"].get("metric", "stream_loss") != args.metric
+            or old["meta"]["grid_best"] != grid_best
+        ):
+            raise SystemExit(f"{out}: other metric or landscape; not appending")
+        seen = {(r["variant"], r["seed"]) for r in old["runs"]}
+        runs = [*old["runs"], *(r for r in runs if (r["variant"], r["seed"]) not in seen)]
+        old["runs"] = runs
+        old["meta"]["variants"] = list(dict.fromkeys([*old["meta"]["variants"], *variants]))
+        old["meta"]["seeds"] = len({r["seed"] for r in runs})
+        old["meta"]["wall_s"] = old["meta"].get("wall_s", 0) + wall
+        results = old
+        print(report(results))
     out.write_text(json.dumps(results) + "\n")
     plot(results, args.plot or PLOT)
     print(f"\nwrote {out} and {args.plot or PLOT}")
