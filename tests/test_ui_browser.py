@@ -3,8 +3,8 @@
 A real MLflow store (the search's tracking callback fed fake trials), ``adaptune ui`` as a
 subprocess on a free port, Debian's ``chromium`` driven by Playwright at the printed URL. The page
 must show the parent run and every child run, the objective's column with each trial's value,
-the rows in objective order, and the table sorted by that column. A screenshot goes to tmp_path
-and to docs/img/mlflow-ui.png (the README's picture).
+the rows in objective order, and the table sorted by that column. A screenshot goes to tmp_path,
+and to docs/img/mlflow-ui.png (the README's picture) with ADAPTUNE_UPDATE_SCREENSHOT=1.
 
 Needs ``playwright`` (pip) and ``/usr/bin/chromium`` (apt); ``make install-test`` installs both.
 """
@@ -225,8 +225,9 @@ def test_ui_shows_the_search_trials_sorted_by_the_objective(tmp_path: Path) -> N
             finally:
                 browser.close()
         assert shot.read_bytes()[:4] == b"\x89PNG"
-        (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, ROOT / "docs" / "img" / "mlflow-ui.png")
+        if os.environ.get("ADAPTUNE_UPDATE_SCREENSHOT") == "1":  # never dirty a checkout by default
+            (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, ROOT / "docs" / "img" / "mlflow-ui.png")
     finally:
         proc.send_signal(signal.SIGTERM)  # adaptune ui stops the MLflow server it started
         try:
