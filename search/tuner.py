@@ -18,6 +18,7 @@ import difflib
 import io
 import math
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -598,6 +599,60 @@ def publish_champion(
     return f"models:/{name}@{CHAMPION_ALIAS}", str(version.version)
 
 
+# Modules the driver needs after ray.init: the sqlite stores, the heatmaps, and after the trials
+# Optuna's fANOVA importances and MLflow's transformers flavour. Imported in a thread while the
+# driver waits on ray.init (docs/benchmarks.md, section 2).
+_NEEDED_AFTER_INIT = (
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "optuna.storages._rdb.storage",
+    "optuna.importance",  # imports scikit-learn
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
+    "mlflow.transformers",
+)
+
+
+def preload_modules(names: tuple[str, ...], exp: Experiment | None = None) -> None:
+    """Import ``names`` (and, given ``exp``, the class its champion loads with). Imports only:
+    nothing is written, and a module that fails here is imported (and fails) again where it is
+    used, so errors are ignored."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001, S112 - best effort; the real import reports it
+            continue
+    if exp is None:
+        return
+    try:
+        import transformers
+
+        from trainables.model import TINY
+
+        model = exp.run.model
+        if model.name == TINY:
+            transformers.GPT2LMHeadModel  # noqa: B018 - the lazy module imports it here
+        else:  # the class AutoModelForCausalLM picks for this config (config only)
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+            config = transformers.AutoConfig.from_pretrained(
+                model.name, revision=model.revision, trust_remote_code=model.trust_remote_code
+            )
+            MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except Exception:  # noqa: BLE001 - e.g. remote code: loaded where it is used
+        pass
+
+
+def _preload_thread(names: tuple[str, ...], exp: Experiment | None = None) -> threading.Thread:
+    thread = threading.Thread(
+        target=preload_modules, args=(names, exp), name="adaptune-preload", daemon=True
+    )
+    thread.start()
+    return thread
+
+
 def _use_token_auth_if_available(address: str) -> None:
     """Send this machine's Ray auth token when connecting to an explicit address.
 
@@ -667,7 +722,14 @@ def run_search(
             kwargs["address"] = address
         else:
             kwargs |= {"num_cpus": num_cpus, "include_dashboard": False}
-        ray.init(**kwargs)
+        # ray.init mostly waits for the GCS and raylet processes to come up. Joined before
+        # this thread imports anything itself: two threads importing the same packages at once
+        # can trip importlib's deadlock detection.
+        preload = _preload_thread(_NEEDED_AFTER_INIT)
+        try:
+            ray.init(**kwargs)
+        finally:
+            preload.join()
         started = True
 
     location = search_location(exp)
@@ -733,15 +795,39 @@ def run_search(
             max_failures=max_failures,
             trainable=trainable,
         )
+    # While fit() waits for the first trials' workers to start (they import torch): the
+    # champion's model class (2-3 s of transformers imports), a package nothing in the Tune
+    # loop imports.
+    preload = _preload_thread((), exp)
     try:
         results = tuner.fit()
+        preload.join()
     except BaseException:
         callback.end_parent("FAILED")
-        raise
-    finally:
         if started:
             ray.shutdown()
+        raise
+    # Nothing below needs Ray (results, checkpoints and the study are files): shutting the
+    # local cluster down (1-3 s of waiting for its processes) overlaps the champion's upload.
+    shutdown = threading.Thread(target=ray.shutdown, name="adaptune-ray-shutdown")
+    if started:
+        shutdown.start()
+    try:
+        return _finish_search(exp, results, callback, searcher, study)
+    finally:
+        if started:
+            shutdown.join()
 
+
+def _finish_search(
+    exp: Experiment,
+    results: Any,
+    callback: MlflowTrackingCallback,
+    searcher: ContinualOptunaSearch | None,
+    study: Any,
+) -> SearchSummary:
+    """After ``fit()``: the summary on the parent run, then the champion."""
+    location = search_location(exp)
     rows = trial_rows(exp, results)
     summary = SearchSummary(rows=rows, parent_run_id=callback.start_parent(),
                             tracking_uri=callback.tracking_uri)
