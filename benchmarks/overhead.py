@@ -121,59 +121,103 @@ def plain(configs_file: Path, workers: int) -> None:
 # ---- the three measurements ------------------------------------------------------------------
 
 
-def wall_ratio(tmp: Path, trials: int, overrides: list[str], round_: int) -> dict[str, Any]:
-    """One round: the search, then the same trials as plain calls."""
-    name = f"overhead-wall-{round_}"
+def speed_probe() -> float:
+    """This machine's speed now: seconds for a fixed single-thread float32 matmul workload
+    (the same kind of work as a trial), run in a fresh interpreter so nothing is warm."""
+    code = (
+        "import time, torch; torch.set_num_threads(1); a = torch.randn(256, 256); "
+        "[a @ a for _ in range(50)]; t = time.perf_counter(); "
+        "[a @ a for _ in range(2000)]; print(time.perf_counter() - t)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def run_search(tmp: Path, name: str, trials: int, overrides: list[str]) -> dict[str, Any]:
+    """One ``adaptune search`` from outside: wall time, its trials' configs and timings."""
     cmd = search_command(name, tmp, [f"search.num_samples={trials}", *overrides])
-    search_load = [os.getloadavg()[0]]
-    launch, search_wall, rc = run_timed(cmd, tmp / f"search-{round_}.log")
-    search_load.append(os.getloadavg()[0])
+    probe = speed_probe()
+    log = tmp / f"{name}.log"
+    launch, wall, rc = run_timed(cmd, log)
     if rc != 0:
-        raise SystemExit(f"adaptune search failed (rc {rc}); see {tmp / f'search-{round_}.log'}")
-    runs = child_runs(f"sqlite:///{tmp / 'mlflow.db'}", name)
+        raise SystemExit(f"adaptune search failed (rc {rc}); see {log}")
+    runs = sorted(
+        child_runs(f"sqlite:///{tmp / 'mlflow.db'}", name), key=lambda r: r.info.start_time
+    )
     configs = trial_configs(tmp / "ray" / name, runs)
     if len(configs) != trials:
         raise SystemExit(f"expected {trials} trial configs, found {len(configs)}")
-    first_start = min(r.info.start_time for r in runs) / 1000
+    first_start = runs[0].info.start_time / 1000
     last_end = max(r.info.end_time for r in runs) / 1000
-    configs_file = tmp / f"configs-{round_}.json"
+    return {
+        "name": name,
+        "wall_s": wall,
+        "configs": configs,
+        "first_trial_s": first_start - launch,
+        "between_s": last_end - first_start,
+        "after_last_trial_s": launch + wall - last_end,
+        "trial_s": statistics.median((r.info.end_time - r.info.start_time) / 1000 for r in runs),
+        # each trial's own compute (Tune's time_total_s: trainable start to last report)
+        "compute_s": [r.data.metrics["time_total_s"] for r in runs],
+        "probe_s": probe,
+    }
+
+
+def run_plain(tmp: Path, name: str, configs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same trials as plain calls in a 2-process pool, from outside."""
+    configs_file = tmp / f"{name}.json"
     configs_file.write_text(json.dumps(configs))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(configs_file)]
-    plain_load = [os.getloadavg()[0]]
-    plain_log = tmp / f"plain-{round_}.log"
-    p_launch, plain_wall, rc = run_timed(cmd, plain_log)
-    plain_load.append(os.getloadavg()[0])
+    probe = speed_probe()
+    log = tmp / f"{name}.log"
+    launch, wall, rc = run_timed(cmd, log)
     if rc != 0:
-        raise SystemExit(f"plain baseline failed (rc {rc}); see {plain_log}")
-    spans = json.loads(plain_log.read_text().strip().splitlines()[-1])
-    ordered = sorted(runs, key=lambda r: r.info.start_time)
-    # the same trial's own compute in Ray (Tune's time_total_s: from the trainable's start to
-    # its last report) against the plain call's (after the worker's imports)
-    paired = [
-        r.data.metrics["time_total_s"] / (end - imported)
-        for r, (_, imported, end) in zip(ordered, spans["spans"], strict=True)
-    ]
+        raise SystemExit(f"plain baseline failed (rc {rc}); see {log}")
+    spans = json.loads(log.read_text().strip().splitlines()[-1])
     return {
-        "round": round_,
-        "trials": trials,
-        "search_wall_s": search_wall,
-        "plain_wall_s": plain_wall,
-        "ratio": search_wall / plain_wall,
-        "search_first_trial_s": first_start - launch,
-        "search_after_last_trial_s": launch + search_wall - last_end,
-        "search_between_s": last_end - first_start,
-        "plain_first_trial_s": spans["first_start"] - p_launch,
-        "plain_after_last_trial_s": p_launch + plain_wall - spans["last_end"],
-        "plain_between_s": spans["last_end"] - spans["first_start"],
-        "search_trial_s": statistics.median(
-            (r.info.end_time - r.info.start_time) / 1000 for r in runs
-        ),
-        "plain_trial_s": statistics.median(e - b for b, _, e in spans["spans"]),
-        "trial_compute_ratio_median": statistics.median(paired),
-        "trial_compute_ratio_range": [min(paired), max(paired)],
-        "search_load": search_load,
-        "plain_load": plain_load,
+        "name": name,
+        "wall_s": wall,
+        "configs": configs,
+        "first_trial_s": spans["first_start"] - launch,
+        "between_s": spans["last_end"] - spans["first_start"],
+        "after_last_trial_s": launch + wall - spans["last_end"],
+        "trial_s": statistics.median(e - b for b, _, e in spans["spans"]),
+        "compute_s": [e - imported for _, imported, e in spans["spans"]],  # after the imports
+        "probe_s": probe,
     }
+
+
+def wall_rounds(tmp: Path, trials: int, overrides: list[str], rounds: int) -> list[dict[str, Any]]:
+    """``rounds`` pairs of (search, plain), in the order S P | P S | S P ...: a machine that
+    speeds up or slows down over the minutes favours neither side. The searches use the
+    same seed, so TPE proposes the same trials each time (checked: a round whose search
+    proposed other trials than the plain calls ran is refused)."""
+    out: list[dict[str, Any]] = []
+    configs: list[dict[str, Any]] | None = None
+    for r in range(1, rounds + 1):
+        if r % 2 == 1 or configs is None:
+            s = run_search(tmp, f"overhead-wall-{r}", trials, overrides)
+            configs = s["configs"]
+            p = run_plain(tmp, f"plain-{r}", configs)
+        else:
+            p = run_plain(tmp, f"plain-{r}", configs)
+            s = run_search(tmp, f"overhead-wall-{r}", trials, overrides)
+        if s["configs"] != p["configs"]:
+            raise SystemExit(f"round {r}: the search proposed other trials than the plain run")
+        paired = [a / b for a, b in zip(s["compute_s"], p["compute_s"], strict=True)]
+        out.append(
+            {
+                "round": r,
+                "order": "search, plain" if r % 2 == 1 else "plain, search",
+                "trials": trials,
+                "ratio": s["wall_s"] / p["wall_s"],
+                "trial_compute_ratio_median": statistics.median(paired),
+                "trial_compute_ratio_range": [min(paired), max(paired)],
+                "search": {k: v for k, v in s.items() if k != "configs"},
+                "plain": {k: v for k, v in p.items() if k != "configs"},
+            }
+        )
+    return out
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -239,7 +283,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12, help="trials of the wall-time figure")
     parser.add_argument("--short-trials", type=int, default=100, help="trials for memory")
     parser.add_argument(
-        "--rounds", type=int, default=2, help="search + plain pairs for the wall-time figure"
+        "--rounds", type=int, default=2,
+        help="(search, plain) pairs for the wall-time figure, in the order SP PS SP ...",
     )
     parser.add_argument("--json", type=Path, help="write the wall-time rounds here")
     parser.add_argument("--set", action="append", default=[], help="extra override, KEY=VALUE")
@@ -266,7 +311,7 @@ def main() -> None:
             startup_steps(tmp)
             return
         if args.only != "memory":
-            rounds = [wall_ratio(tmp, trials, overrides, r) for r in range(1, args.rounds + 1)]
+            rounds = wall_rounds(tmp, trials, overrides, args.rounds)
             print_wall(rounds)
             if args.json:
                 args.json.write_text(json.dumps(rounds, indent=1) + "\n")
@@ -317,38 +362,43 @@ def startup_steps(tmp: Path) -> None:
 
 
 def print_wall(rounds: list[dict[str, Any]]) -> None:
-    w0 = rounds[0]
     print(
-        f"\n## Orchestration overhead: {w0['trials']} quickstart trials, 2 at once, 1 CPU each, "
-        f"{len(rounds)} round(s) of search then plain calls\n\n"
-        "| round | figure | adaptune search | plain calls | ratio |\n|---|---|---|---|---|",
+        f"\n## Orchestration overhead: {rounds[0]['trials']} quickstart trials, 2 at once, "
+        f"1 CPU each, {len(rounds)} round(s)\n\n"
+        "| round (order) | figure | adaptune search | plain calls | ratio |\n|---|---|---|---|---|",
         flush=True,
     )
     for w in rounds:
-        r = w["round"]
+        r, s, p = f"{w['round']} ({w['order']})", w["search"], w["plain"]
         lo, hi = w["trial_compute_ratio_range"]
         print(
-            f"| {r} | wall time | {w['search_wall_s']:.1f} s | {w['plain_wall_s']:.1f} s | "
+            f"| {r} | wall time | {s['wall_s']:.1f} s | {p['wall_s']:.1f} s | "
             f"**{w['ratio']:.3f}** |\n"
-            f"| {r} | command launch -> first trial start | {w['search_first_trial_s']:.1f} s | "
-            f"{w['plain_first_trial_s']:.1f} s | |\n"
-            f"| {r} | first trial start -> last trial end | {w['search_between_s']:.1f} s | "
-            f"{w['plain_between_s']:.1f} s | {w['search_between_s'] / w['plain_between_s']:.3f} |\n"
-            f"| {r} | last trial end -> command exit | {w['search_after_last_trial_s']:.1f} s | "
-            f"{w['plain_after_last_trial_s']:.1f} s | |\n"
-            f"| {r} | median trial duration | {w['search_trial_s']:.1f} s | "
-            f"{w['plain_trial_s']:.1f} s | |\n"
-            f"| {r} | same trial's compute, Ray / plain: median (range) | | | "
+            f"| {r} | command launch -> first trial start | {s['first_trial_s']:.1f} s | "
+            f"{p['first_trial_s']:.1f} s | |\n"
+            f"| {r} | first trial start -> last trial end | {s['between_s']:.1f} s | "
+            f"{p['between_s']:.1f} s | {s['between_s'] / p['between_s']:.3f} |\n"
+            f"| {r} | last trial end -> command exit | {s['after_last_trial_s']:.1f} s | "
+            f"{p['after_last_trial_s']:.1f} s | |\n"
+            f"| {r} | median trial duration | {s['trial_s']:.1f} s | {p['trial_s']:.1f} s | |\n"
+            f"| {r} | same trial's compute, search / plain: median (range) | | | "
             f"{w['trial_compute_ratio_median']:.3f} ({lo:.2f}-{hi:.2f}) |\n"
-            f"| {r} | 1-min load average before / after | {w['search_load'][0]:.2f} / "
-            f"{w['search_load'][1]:.2f} | {w['plain_load'][0]:.2f} / {w['plain_load'][1]:.2f} | |",
+            f"| {r} | speed probe just before (s, lower = faster machine) | {s['probe_s']:.2f} | "
+            f"{p['probe_s']:.2f} | |",
             flush=True,
         )
     ratios = [w["ratio"] for w in rounds]
-    total = sum(w["search_wall_s"] for w in rounds) / sum(w["plain_wall_s"] for w in rounds)
+    total = sum(w["search"]["wall_s"] for w in rounds) / sum(w["plain"]["wall_s"] for w in rounds)
+    fixed = [
+        w["search"]["first_trial_s"] + w["search"]["after_last_trial_s"]
+        - w["plain"]["first_trial_s"] - w["plain"]["after_last_trial_s"]
+        for w in rounds
+    ]
     print(
         f"\nwall-time ratio (target <= 1.10): per round {', '.join(f'{x:.3f}' for x in ratios)}; "
-        f"median {statistics.median(ratios):.3f}; all rounds together {total:.3f}",
+        f"all rounds together {total:.3f}\n"
+        f"fixed cost of the search (before the first and after the last trial, beyond the plain "
+        f"calls'): {', '.join(f'{x:.1f} s' for x in fixed)}",
         flush=True,
     )
 

@@ -7,6 +7,7 @@ that cannot load) prints one line to stderr and exits with code 2 before anythin
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -208,5 +209,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def console_main() -> None:
+    """The ``adaptune`` console script: :func:`main`, then a fast exit.
+
+    Tearing down an interpreter that holds torch, transformers, MLflow and Ray (freeing every
+    module's objects one by one) takes 2-4 s on 2 cores after the work is done and the output
+    printed. The exit handlers still run (Ray's shutdown, MLflow's and logging's flushes), then
+    the process leaves without that teardown. An exception out of :func:`main` takes Python's
+    usual exit, traceback and all.
+    """
+    code = main()
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -599,18 +599,22 @@ def publish_champion(
     return f"models:/{name}@{CHAMPION_ALIAS}", str(version.version)
 
 
-# Modules the driver needs after ray.init: the sqlite stores, the heatmaps, and after the trials
-# Optuna's fANOVA importances and MLflow's transformers flavour. Imported in a thread while the
-# driver waits on ray.init (docs/benchmarks.md, section 2).
+# Modules the driver imports after ray.init (the sqlite stores, the heatmaps, MLflow's
+# transformers flavour), imported in a thread while the driver waits on ray.init, and those it
+# imports only after the trials (Optuna's fANOVA importances with scikit-learn, the champion's
+# transformers model class: 4 s together on 2 cores), imported in a thread while fit() runs.
+# Only packages that nothing in the Tune loop imports go in the second group: two threads
+# importing the same modules at once can trip importlib's deadlock detection
+# (docs/benchmarks.md, section 2).
 _NEEDED_AFTER_INIT = (
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.store.model_registry.sqlalchemy_store",
     "optuna.storages._rdb.storage",
-    "optuna.importance",  # imports scikit-learn
     "matplotlib.figure",
     "matplotlib.backends.backend_agg",
     "mlflow.transformers",
 )
+_NEEDED_AFTER_TRIALS = ("sklearn.ensemble", "optuna.importance")
 
 
 def preload_modules(names: tuple[str, ...], exp: Experiment | None = None) -> None:
@@ -722,9 +726,8 @@ def run_search(
             kwargs["address"] = address
         else:
             kwargs |= {"num_cpus": num_cpus, "include_dashboard": False}
-        # ray.init mostly waits for the GCS and raylet processes to come up. Joined before
-        # this thread imports anything itself: two threads importing the same packages at once
-        # can trip importlib's deadlock detection.
+        # ray.init mostly waits for the GCS and raylet processes to come up; joined before
+        # this thread imports anything itself
         preload = _preload_thread(_NEEDED_AFTER_INIT)
         try:
             ray.init(**kwargs)
@@ -795,10 +798,8 @@ def run_search(
             max_failures=max_failures,
             trainable=trainable,
         )
-    # While fit() waits for the first trials' workers to start (they import torch): the
-    # champion's model class (2-3 s of transformers imports), a package nothing in the Tune
-    # loop imports.
-    preload = _preload_thread((), exp)
+    # mostly while fit() waits for the first trials' workers to start (they import torch)
+    preload = _preload_thread(_NEEDED_AFTER_TRIALS, exp)
     try:
         results = tuner.fit()
         preload.join()
