@@ -29,7 +29,12 @@ from pydantic import ValidationError
 from search.experiment import Experiment, experiment_yaml
 from search.resume import check_search_dir, inspect_search_dir, write_search_info
 from search.searcher import ContinualOptunaSearch, build_searcher
-from search.tracking import MlflowTrackingCallback, experiment_hash, searched_params
+from search.tracking import (
+    MlflowTrackingCallback,
+    experiment_hash,
+    resolve_tracking_uri,
+    searched_params,
+)
 from spaces import Dist
 from spaces.tune import build_param_space, parse_space
 from trainables.config import HYPERPARAMETERS, RunConfig, format_validation_error
@@ -206,8 +211,6 @@ def describe_search(exp: Experiment, prep: Any) -> str:
         exp: a checked experiment (:func:`check_search` passed).
         prep: its prepared run (:func:`trainables.run.prepare`): tasks and their sizes.
     """
-    from search.tracking import resolve_tracking_uri
-
     s, T = exp.search, len(prep.tasks)
     space = parse_space(dict(exp.space))
     searched = {n: v for n, v in space.items() if isinstance(v, Dist)}
@@ -617,10 +620,12 @@ _NEEDED_AFTER_INIT = (
 _NEEDED_AFTER_TRIALS = ("sklearn.ensemble", "optuna.importance")
 
 
-def preload_modules(names: tuple[str, ...], exp: Experiment | None = None) -> None:
-    """Import ``names`` (and, given ``exp``, the class its champion loads with). Imports only:
-    nothing is written, and a module that fails here is imported (and fails) again where it is
-    used, so errors are ignored."""
+def preload_modules(
+    names: tuple[str, ...], exp: Experiment | None = None, tracking_uri: str | None = None
+) -> None:
+    """Import ``names``; given ``exp``, also the class its champion loads with; given
+    ``tracking_uri``, open MLflow's store there (a new sqlite store creates its tables: 1-2 s).
+    A module or store that fails here fails again where it is used, so errors are ignored."""
     import importlib
 
     for name in names:
@@ -628,6 +633,15 @@ def preload_modules(names: tuple[str, ...], exp: Experiment | None = None) -> No
             importlib.import_module(name)
         except Exception:  # noqa: BLE001, S112 - best effort; the real import reports it
             continue
+    if tracking_uri is not None:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            from search.tracking import resolve_tracking_uri
+
+            MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))  # cached per URI
+        except Exception:  # noqa: BLE001 - reported by the callback's own client
+            pass
     if exp is None:
         return
     try:
@@ -649,12 +663,44 @@ def preload_modules(names: tuple[str, ...], exp: Experiment | None = None) -> No
         pass
 
 
-def _preload_thread(names: tuple[str, ...], exp: Experiment | None = None) -> threading.Thread:
+def _preload_thread(
+    names: tuple[str, ...], exp: Experiment | None = None, tracking_uri: str | None = None
+) -> threading.Thread:
     thread = threading.Thread(
-        target=preload_modules, args=(names, exp), name="adaptune-preload", daemon=True
+        target=preload_modules,
+        args=(names, exp, tracking_uri),
+        name="adaptune-preload",
+        daemon=True,
     )
     thread.start()
     return thread
+
+
+def _new_sqlite_paths(tracking_uri: str) -> list[Path]:
+    """What opening a sqlite tracking store would create: the file and its missing parents,
+    deepest first (removed again if Ray fails to start)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix) or tracking_uri[len(prefix) :] in ("", ":memory:"):
+        return []
+    path = Path(tracking_uri[len(prefix) :])
+    created = []
+    while not path.exists():
+        created.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    return created
+
+
+def _remove_new_paths(paths: list[Path]) -> None:
+    import contextlib
+
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                path.rmdir()  # only if empty
+            else:
+                path.unlink()
 
 
 def _use_token_auth_if_available(address: str) -> None:
@@ -726,13 +772,19 @@ def run_search(
             kwargs["address"] = address
         else:
             kwargs |= {"num_cpus": num_cpus, "include_dashboard": False}
-        # ray.init mostly waits for the GCS and raylet processes to come up; joined before
-        # this thread imports anything itself
-        preload = _preload_thread(_NEEDED_AFTER_INIT)
+        # ray.init mostly waits for the GCS and raylet processes to come up: meanwhile a
+        # thread imports what the driver needs next and opens the MLflow store, which a
+        # failed ray.init takes away again (joined before this thread imports anything itself)
+        tracking_uri = resolve_tracking_uri(exp.tracking.tracking_uri, create=False)
+        new_paths = _new_sqlite_paths(tracking_uri)
+        preload = _preload_thread(_NEEDED_AFTER_INIT, tracking_uri=tracking_uri)
         try:
             ray.init(**kwargs)
-        finally:
+        except BaseException:
             preload.join()
+            _remove_new_paths(new_paths)
+            raise
+        preload.join()
         started = True
 
     location = search_location(exp)

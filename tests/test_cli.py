@@ -154,3 +154,15 @@ def test_console_script_exit_code_and_malformed_yaml(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "invalid YAML: line" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_console_script_flushes_all_output_before_its_fast_exit(tmp_path: Path) -> None:
+    # The console script leaves with os._exit after the exit handlers: piped output must
+    # still arrive whole.
+    exp = write(tmp_path / "small.yaml", SMALL)
+    proc = run_cli("search", str(exp), "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.rstrip("\n").splitlines()
+    assert lines[0].startswith("adaptune search small (dry run")
+    assert lines[-1].startswith("mlflow:     sqlite:///") and "@champion" in lines[-1]
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,73 @@
+"""What the search driver does around ``ray.init``: imports and the MLflow store in a thread
+while Ray starts, and nothing left behind when Ray does not start."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+
+from search.experiment import parse_experiment
+from search.tuner import _new_sqlite_paths, preload_modules, run_search
+
+SMALL = {
+    "name": "startup",
+    "run": {
+        "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32},
+        "stream": {
+            "block_size": 32,
+            "max_train_tokens": 1024,
+            "max_eval_blocks": 2,
+            "tasks": [
+                {"name": "docs", "builtin": "python_docs"},
+                {"name": "names", "builtin": "unicode_names"},
+            ],
+        },
+    },
+    "space": {"lr": {"loguniform": [1e-4, 1e-2]}},
+    "search": {"num_samples": 1},
+}
+
+
+def test_preload_opens_a_real_mlflow_store_and_imports(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    preload_modules(("json", "no_such_module_anywhere"), tracking_uri=uri)  # errors ignored
+    assert "json" in sys.modules
+    assert (tmp_path / "new" / "mlflow.db").is_file()
+    client = mlflow.MlflowClient(tracking_uri=uri)  # the store is usable
+    assert client.get_experiment_by_name("Default") is not None
+
+
+def test_new_sqlite_paths_lists_the_file_and_missing_parents(tmp_path: Path) -> None:
+    db = tmp_path / "a" / "b" / "mlflow.db"
+    assert _new_sqlite_paths(f"sqlite:///{db}") == [db, db.parent, db.parent.parent]
+    assert _new_sqlite_paths("http://127.0.0.1:5000") == []
+    assert _new_sqlite_paths("sqlite:///:memory:") == []
+
+
+def test_a_failed_ray_init_leaves_no_mlflow_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ray itself is not under test here: ray.init is made to fail to see what the search
+    # leaves behind. The store thread opened the store meanwhile; it must be gone.
+    data = dict(SMALL) | {
+        "storage_path": str(tmp_path / "ray"),
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'track' / 'mlflow.db'}"},
+    }
+    exp = parse_experiment(data, source="startup.yaml")
+    assert not ray.is_initialized()
+
+    def refuse(**_: object) -> None:
+        import time
+
+        time.sleep(3)  # long enough for the store thread to have created the database
+        raise ConnectionError("no cluster here")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ConnectionError):
+        run_search(exp)
+    assert not (tmp_path / "track").exists()
+    assert not (tmp_path / "ray").exists()
