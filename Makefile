@@ -63,7 +63,7 @@ bench-quick: install
 benchmarks/results/landscape.json: | $(VENV)/.installed
 	$(BIN)/python benchmarks/landscape.py
 
-# Every benchmark in docs/benchmarks.md, each printing its table (about 30 min on 2 cores).
+# Every benchmark in docs/benchmarks.md, each printing its table (about an hour on 2 cores).
 bench: install benchmarks/results/landscape.json
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/overhead.py
