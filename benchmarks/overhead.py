@@ -190,8 +190,9 @@ def run_plain(tmp: Path, name: str, configs: list[dict[str, Any]]) -> dict[str, 
 def wall_rounds(tmp: Path, trials: int, overrides: list[str], rounds: int) -> list[dict[str, Any]]:
     """``rounds`` pairs of (search, plain), in the order S P | P S | S P ...: a machine that
     speeds up or slows down over the minutes favours neither side. The searches use the
-    same seed, so TPE proposes the same trials each time (checked: a round whose search
-    proposed other trials than the plain calls ran is refused)."""
+    same seed, so TPE proposes the same trials each time, except where a trial after its
+    random start-up depends on which trials finished first: that round's search is then
+    paired with a plain run of its own trials after it."""
     out: list[dict[str, Any]] = []
     configs: list[dict[str, Any]] | None = None
     for r in range(1, rounds + 1):
@@ -202,13 +203,17 @@ def wall_rounds(tmp: Path, trials: int, overrides: list[str], rounds: int) -> li
         else:
             p = run_plain(tmp, f"plain-{r}", configs)
             s = run_search(tmp, f"overhead-wall-{r}", trials, overrides)
+        order = "search, plain" if r % 2 == 1 else "plain, search"
         if s["configs"] != p["configs"]:
-            raise SystemExit(f"round {r}: the search proposed other trials than the plain run")
+            # TPE's first 10 trials are its seeded random start-up and always match; later ones
+            # depend on which trials finished first. Pair the search with its own trials.
+            p = run_plain(tmp, f"plain-{r}b", s["configs"])
+            order = "plain, search, plain (the search proposed other trials)"
         paired = [a / b for a, b in zip(s["compute_s"], p["compute_s"], strict=True)]
         out.append(
             {
                 "round": r,
-                "order": "search, plain" if r % 2 == 1 else "plain, search",
+                "order": order,
                 "trials": trials,
                 "ratio": s["wall_s"] / p["wall_s"],
                 "trial_compute_ratio_median": statistics.median(paired),
