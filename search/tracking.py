@@ -56,19 +56,27 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _SKIP = {"loss_matrix", "pid", "timestamp", "done", "should_checkpoint", "trial_id"}
 
 
+_SQLITE = "sqlite:///"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` tracking URI (as written, maybe relative);
+    None for other stores and for in-memory sqlite."""
+    if not uri.startswith(_SQLITE) or uri[len(_SQLITE) :] in ("", ":memory:"):
+        return None
+    return Path(uri[len(_SQLITE) :])
+
+
 def resolve_tracking_uri(uri: str, *, create: bool = True) -> str:
     """Make a relative ``sqlite:///path`` absolute (against the cwd) and, with ``create``,
     create its directory."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        return uri
-    path = Path(uri[len(prefix) :])
-    if str(path) in ("", ":memory:"):
+    path = sqlite_file(uri)
+    if path is None:
         return uri
     path = path if path.is_absolute() else Path.cwd() / path
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
-    return f"{prefix}{path}"
+    return f"{_SQLITE}{path}"
 
 
 def experiment_hash(yaml_text: str) -> str:
@@ -98,8 +106,9 @@ def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str)
     if found is not None:
         return str(found.experiment_id)
     location = None
-    if tracking_uri.startswith("sqlite:///"):
-        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts" / name).as_uri()
+    db = sqlite_file(tracking_uri)
+    if db is not None:
+        location = (db.parent / "mlartifacts" / name).as_uri()
     return str(client.create_experiment(name, artifact_location=location))
 
 

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import io
 import math
@@ -34,6 +35,7 @@ from search.tracking import (
     experiment_hash,
     resolve_tracking_uri,
     searched_params,
+    sqlite_file,
 )
 from spaces import Dist
 from spaces.tune import build_param_space, parse_space
@@ -637,8 +639,6 @@ def preload_modules(
         try:
             from mlflow.tracking import MlflowClient
 
-            from search.tracking import resolve_tracking_uri
-
             MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))  # cached per URI
         except Exception:  # noqa: BLE001 - reported by the callback's own client
             pass
@@ -679,10 +679,9 @@ def _preload_thread(
 def _new_sqlite_paths(tracking_uri: str) -> list[Path]:
     """What opening a sqlite tracking store would create: the file and its missing parents,
     deepest first (removed again if Ray fails to start)."""
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix) or tracking_uri[len(prefix) :] in ("", ":memory:"):
+    path = sqlite_file(tracking_uri)
+    if path is None:
         return []
-    path = Path(tracking_uri[len(prefix) :])
     created = []
     while not path.exists():
         created.append(path)
@@ -693,8 +692,6 @@ def _new_sqlite_paths(tracking_uri: str) -> list[Path]:
 
 
 def _remove_new_paths(paths: list[Path]) -> None:
-    import contextlib
-
     for path in paths:
         with contextlib.suppress(OSError):
             if path.is_dir():
