@@ -109,11 +109,16 @@ def _plain_one(config: dict[str, Any]) -> tuple[float, float, float]:
 
 
 def plain(configs_file: Path, workers: int) -> None:
+    """The trials as plain calls: ``workers`` 1 runs them one after another in this process,
+    more run them in a process pool, that many at once."""
     import multiprocessing as mp
 
     configs = json.loads(configs_file.read_text())
-    with mp.get_context("spawn").Pool(workers) as pool:
-        spans = pool.map(_plain_one, configs, chunksize=1)
+    if workers == 1:
+        spans = [_plain_one(c) for c in configs]
+    else:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            spans = pool.map(_plain_one, configs, chunksize=1)
     first, last = min(s[0] for s in spans), max(s[-1] for s in spans)
     print(json.dumps({"first_start": first, "last_end": last, "spans": spans}))
 
@@ -141,6 +146,12 @@ def run_search(tmp: Path, name: str, trials: int, overrides: list[str]) -> dict[
     launch, wall, rc = run_timed(cmd, log)
     if rc != 0:
         raise SystemExit(f"adaptune search failed (rc {rc}); see {log}")
+    return _search_figures(tmp, name, trials, launch, wall) | {"probe_s": probe}
+
+
+def _search_figures(
+    tmp: Path, name: str, trials: int, launch: float, wall: float
+) -> dict[str, Any]:
     runs = sorted(
         child_runs(f"sqlite:///{tmp / 'mlflow.db'}", name), key=lambda r: r.info.start_time
     )
@@ -159,7 +170,6 @@ def run_search(tmp: Path, name: str, trials: int, overrides: list[str]) -> dict[
         "trial_s": statistics.median((r.info.end_time - r.info.start_time) / 1000 for r in runs),
         # each trial's own compute (Tune's time_total_s: trainable start to last report)
         "compute_s": [r.data.metrics["time_total_s"] for r in runs],
-        "probe_s": probe,
     }
 
 
@@ -173,9 +183,14 @@ def run_plain(tmp: Path, name: str, configs: list[dict[str, Any]]) -> dict[str, 
     launch, wall, rc = run_timed(cmd, log)
     if rc != 0:
         raise SystemExit(f"plain baseline failed (rc {rc}); see {log}")
+    return _plain_figures(log, configs, launch, wall) | {"name": name, "probe_s": probe}
+
+
+def _plain_figures(
+    log: Path, configs: list[dict[str, Any]], launch: float, wall: float
+) -> dict[str, Any]:
     spans = json.loads(log.read_text().strip().splitlines()[-1])
     return {
-        "name": name,
         "wall_s": wall,
         "configs": configs,
         "first_trial_s": spans["first_start"] - launch,
@@ -183,7 +198,6 @@ def run_plain(tmp: Path, name: str, configs: list[dict[str, Any]]) -> dict[str, 
         "after_last_trial_s": launch + wall - spans["last_end"],
         "trial_s": statistics.median(e - b for b, _, e in spans["spans"]),
         "compute_s": [e - imported for _, imported, e in spans["spans"]],  # after the imports
-        "probe_s": probe,
     }
 
 
@@ -218,6 +232,186 @@ def wall_rounds(tmp: Path, trials: int, overrides: list[str], rounds: int) -> li
                 "ratio": s["wall_s"] / p["wall_s"],
                 "trial_compute_ratio_median": statistics.median(paired),
                 "trial_compute_ratio_range": [min(paired), max(paired)],
+                "search": {k: v for k, v in s.items() if k != "configs"},
+                "plain": {k: v for k, v in p.items() if k != "configs"},
+            }
+        )
+    return out
+
+
+# ---- side by side: the search and the plain calls at once, each on its own core -------------
+
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, user + system CPU seconds so far) of every process (Linux ``/proc``)."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK)
+    return table
+
+
+class CpuTree:
+    """CPU seconds of a process and of every process under it, sampled from ``/proc`` (what a
+    process uses in its last sampling interval before it exits is missed), in three parts: the
+    root (the driver), the Ray workers that ran trials (``ray::ImplicitFunc``) and the rest
+    (Ray's own processes, idle workers)."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.cpu: dict[int, float] = {}
+        self.trial_worker: set[int] = set()
+
+    def sample(self, table: dict[int, tuple[int, float]]) -> None:
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        stack = [self.root]
+        while stack:
+            pid = stack.pop()
+            if pid in table:
+                self.cpu[pid] = table[pid][1]
+                if pid not in self.trial_worker and pid != self.root:
+                    try:
+                        title = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    except OSError:
+                        title = b""
+                    if title.startswith(b"ray::ImplicitFunc"):
+                        self.trial_worker.add(pid)
+            stack.extend(children.get(pid, []))
+
+    def parts(self) -> dict[str, float]:
+        trial = sum(self.cpu[p] for p in self.trial_worker)
+        root = self.cpu.get(self.root, 0.0)
+        return {
+            "total": sum(self.cpu.values()),
+            "root": root,
+            "trial_workers": trial,
+            "rest": sum(self.cpu.values()) - root - trial,
+        }
+
+
+def run_together(
+    cmds: dict[str, list[str]], logs: dict[str, Path]
+) -> dict[str, tuple[float, float, int, dict[str, float]]]:
+    """Start every command at once; returns name -> (launch epoch s, wall s, return code, CPU
+    parts of its process tree), sampling the trees once a second."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    procs, trees, launch, start, wall = {}, {}, {}, {}, {}
+    outs = {name: logs[name].open("w") for name in cmds}
+    try:
+        for name, cmd in cmds.items():
+            launch[name], start[name] = time.time(), time.perf_counter()
+            procs[name] = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=outs[name], stderr=subprocess.STDOUT, env=env
+            )
+            trees[name] = CpuTree(procs[name].pid)
+        tick = 0
+        while len(wall) < len(procs):
+            table = proc_table() if tick % 5 == 0 else None  # CPU once a second, exits 5 times
+            for name, proc in procs.items():
+                if name in wall:
+                    continue
+                if table is not None:
+                    trees[name].sample(table)
+                if proc.poll() is not None:
+                    wall[name] = time.perf_counter() - start[name]
+            tick += 1
+            time.sleep(0.2)
+    finally:
+        for out in outs.values():
+            out.close()
+    return {
+        name: (launch[name], wall[name], procs[name].returncode, trees[name].parts())
+        for name in cmds
+    }
+
+
+def discover_configs(tmp: Path, trials: int, overrides: list[str]) -> list[dict[str, Any]]:
+    """The trials a search of ``trials`` <= 10 proposes: they are TPE's seeded random start-up
+    trials, the same whatever the trials score, so a search of tiny trials (1k tokens per
+    task) finds them in a minute; their task length is then set back to the real one."""
+    from search.experiment import load_experiment
+
+    name = "overhead-discover"
+    real = load_experiment(EXPERIMENT, overrides).run.stream.max_train_tokens
+    sets = [
+        f"search.num_samples={trials}",
+        "search.max_concurrent=1",
+        *overrides,
+        "run.stream.max_train_tokens=1024",
+    ]
+    log = tmp / f"{name}.log"
+    _, _, rc = run_timed(search_command(name, tmp, sets), log)
+    if rc != 0:
+        raise SystemExit(f"adaptune search failed (rc {rc}); see {log}")
+    configs = trial_configs(tmp / "ray" / name, child_runs(f"sqlite:///{tmp / 'mlflow.db'}", name))
+    for c in configs:
+        c["stream"]["max_train_tokens"] = real
+    return configs
+
+
+def side_by_side(tmp: Path, trials: int, overrides: list[str], rounds: int) -> list[dict[str, Any]]:
+    """``adaptune search`` (1 trial at a time, with ASHA off and MLflow on, as in the two-at-once
+    figure) and the same trials as plain calls one after another in one Python process, started
+    at the same moment, each pinned to its own core with ``taskset`` (the search's driver, Ray's
+    processes and its trial worker all share one core). Both see the same machine at the same
+    time, so a machine that speeds up or slows down over the minutes moves both. Rounds swap
+    the cores."""
+    if trials > 10:
+        raise SystemExit("--side-by-side takes at most 10 trials (TPE's random start-up)")
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("--side-by-side needs 2 cores")
+    configs = discover_configs(tmp, trials, overrides)
+    configs_file = tmp / "side-by-side.json"
+    configs_file.write_text(json.dumps(configs))
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    out = []
+    for r in range(1, rounds + 1):
+        search_core, plain_core = (cores[0], cores[1]) if r % 2 else (cores[1], cores[0])
+        name = f"overhead-sbs-{r}"
+        sets = [f"search.num_samples={trials}", "search.max_concurrent=1", *overrides]
+        cmds = {
+            "search": ["taskset", "-c", str(search_core), *search_command(name, tmp, sets)],
+            "plain": [
+                "taskset",
+                "-c",
+                str(plain_core),
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--plain",
+                str(configs_file),
+                "--workers",
+                "1",
+            ],
+        }
+        logs = {"search": tmp / f"{name}.log", "plain": tmp / f"plain-sbs-{r}.log"}
+        done = run_together(cmds, logs)
+        for side, (_, _, rc, _) in done.items():
+            if rc != 0:
+                raise SystemExit(f"{side} failed (rc {rc}); see {logs[side]}")
+        s = _search_figures(tmp, name, trials, *done["search"][:2])
+        p = _plain_figures(logs["plain"], configs, *done["plain"][:2])
+        if s["configs"] != configs:
+            raise SystemExit("the search proposed other trials than the discovery search")
+        paired = [a / b for a, b in zip(s["compute_s"], p["compute_s"], strict=True)]
+        out.append(
+            {
+                "round": r,
+                "cores": {"search": search_core, "plain": plain_core},
+                "trials": trials,
+                "ratio": s["wall_s"] / p["wall_s"],
+                "trial_compute_ratio_median": statistics.median(paired),
+                "trial_compute_ratio_range": [min(paired), max(paired)],
+                "cpu_s": {"search": done["search"][3], "plain": done["plain"][3]},
                 "search": {k: v for k, v in s.items() if k != "configs"},
                 "plain": {k: v for k, v in p.items() if k != "configs"},
             }
@@ -288,15 +482,32 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12, help="trials of the wall-time figure")
     parser.add_argument("--short-trials", type=int, default=100, help="trials for memory")
     parser.add_argument(
-        "--rounds", type=int, default=2,
+        "--rounds",
+        type=int,
+        default=2,
         help="(search, plain) pairs for the wall-time figure, in the order SP PS SP ...",
     )
-    parser.add_argument("--json", type=Path, help="write the wall-time rounds here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="write the wall-time rounds here (the parts run replace theirs in an existing file)",
+    )
     parser.add_argument("--set", action="append", default=[], help="extra override, KEY=VALUE")
     parser.add_argument("--quick", action="store_true", help="tiny trials, a smoke test")
     parser.add_argument("--workdir", type=Path, help="keep logs, Ray results and MLflow here")
     parser.add_argument(
-        "--only", choices=["wall", "memory", "startup"], help="run one part (startup: its steps)"
+        "--only",
+        choices=["side-by-side", "wall", "memory", "startup"],
+        help="run one part (wall: two at once, in turns; startup: its steps)",
+    )
+    parser.add_argument(
+        "--side-trials", type=int, default=10, help="trials of the side-by-side figure (<= 10)"
+    )
+    parser.add_argument(
+        "--side-tokens",
+        type=int,
+        default=65536,
+        help="training tokens per task in the side-by-side figure (about 30 s per trial)",
     )
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
@@ -315,12 +526,23 @@ def main() -> None:
         if args.only == "startup":
             startup_steps(tmp)
             return
-        if args.only != "memory":
-            rounds = wall_rounds(tmp, trials, overrides, args.rounds)
-            print_wall(rounds)
-            if args.json:
-                args.json.write_text(json.dumps(rounds, indent=1) + "\n")
-        if args.only != "wall":
+        parts: dict[str, Any] = {}
+        if args.only in (None, "side-by-side"):
+            side_trials, side_sets = (
+                args.side_trials,
+                [f"run.stream.max_train_tokens={args.side_tokens}", *overrides],
+            )
+            if args.quick:
+                side_trials, side_sets = 2, overrides
+            parts["side_by_side"] = side_by_side(tmp, side_trials, side_sets, args.rounds)
+            print_side_by_side(parts["side_by_side"])
+        if args.only in (None, "wall"):
+            parts["two_at_once"] = wall_rounds(tmp, trials, overrides, args.rounds)
+            print_wall(parts["two_at_once"])
+        if args.json:
+            old = json.loads(args.json.read_text()) if args.json.exists() else {}
+            args.json.write_text(json.dumps(old | parts, indent=1) + "\n")
+        if args.only in (None, "memory"):
             print_memory(driver_memory(tmp, short))
 
 
@@ -395,8 +617,10 @@ def print_wall(rounds: list[dict[str, Any]]) -> None:
     ratios = [w["ratio"] for w in rounds]
     total = sum(w["search"]["wall_s"] for w in rounds) / sum(w["plain"]["wall_s"] for w in rounds)
     fixed = [
-        w["search"]["first_trial_s"] + w["search"]["after_last_trial_s"]
-        - w["plain"]["first_trial_s"] - w["plain"]["after_last_trial_s"]
+        w["search"]["first_trial_s"]
+        + w["search"]["after_last_trial_s"]
+        - w["plain"]["first_trial_s"]
+        - w["plain"]["after_last_trial_s"]
         for w in rounds
     ]
     print(
@@ -404,6 +628,44 @@ def print_wall(rounds: list[dict[str, Any]]) -> None:
         f"all rounds together {total:.3f}\n"
         f"fixed cost of the search (before the first and after the last trial, beyond the plain "
         f"calls'): {', '.join(f'{x:.1f} s' for x in fixed)}",
+        flush=True,
+    )
+
+
+def print_side_by_side(rounds: list[dict[str, Any]]) -> None:
+    print(
+        f"\n## Orchestration overhead, side by side: {rounds[0]['trials']} trials one at a time, "
+        "search and plain calls at once, each on its own core\n\n"
+        "| round (cores) | figure | adaptune search | plain calls | ratio |\n|---|---|---|---|---|",
+        flush=True,
+    )
+    for w in rounds:
+        r = f"{w['round']} (search {w['cores']['search']}, plain {w['cores']['plain']})"
+        s, p, cs, cp = w["search"], w["plain"], w["cpu_s"]["search"], w["cpu_s"]["plain"]
+        lo, hi = w["trial_compute_ratio_range"]
+        print(
+            f"| {r} | wall time | {s['wall_s']:.1f} s | {p['wall_s']:.1f} s | "
+            f"**{w['ratio']:.3f}** |\n"
+            f"| {r} | command launch -> first trial start | {s['first_trial_s']:.1f} s | "
+            f"{p['first_trial_s']:.1f} s | |\n"
+            f"| {r} | first trial start -> last trial end | {s['between_s']:.1f} s | "
+            f"{p['between_s']:.1f} s | {s['between_s'] / p['between_s']:.3f} |\n"
+            f"| {r} | last trial end -> command exit | {s['after_last_trial_s']:.1f} s | "
+            f"{p['after_last_trial_s']:.1f} s | |\n"
+            f"| {r} | same trial's compute, search / plain: median (range) | | | "
+            f"{w['trial_compute_ratio_median']:.3f} ({lo:.2f}-{hi:.2f}) |\n"
+            f"| {r} | CPU time, all processes | {cs['total']:.1f} s | {cp['total']:.1f} s | "
+            f"{cs['total'] / cp['total']:.3f} |\n"
+            f"| {r} | CPU time: driver / trial worker / Ray's other processes | "
+            f"{cs['root']:.1f} / {cs['trial_workers']:.1f} / {cs['rest']:.1f} s | "
+            f"{cp['root']:.1f} s (one process) | |",
+            flush=True,
+        )
+    ratios = [w["ratio"] for w in rounds]
+    total = sum(w["search"]["wall_s"] for w in rounds) / sum(w["plain"]["wall_s"] for w in rounds)
+    print(
+        f"\nside-by-side wall-time ratio (target <= 1.10): per round "
+        f"{', '.join(f'{x:.3f}' for x in ratios)}; all rounds together {total:.3f}",
         flush=True,
     )
 
