@@ -506,8 +506,7 @@ def main() -> None:
     parser.add_argument(
         "--side-tokens",
         type=int,
-        default=65536,
-        help="training tokens per task in the side-by-side figure (about 30 s per trial)",
+        help="training tokens per task in the side-by-side figure (default: the quickstart's)",
     )
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
@@ -528,10 +527,9 @@ def main() -> None:
             return
         parts: dict[str, Any] = {}
         if args.only in (None, "side-by-side"):
-            side_trials, side_sets = (
-                args.side_trials,
-                [f"run.stream.max_train_tokens={args.side_tokens}", *overrides],
-            )
+            side_trials, side_sets = args.side_trials, list(overrides)
+            if args.side_tokens:
+                side_sets.insert(0, f"run.stream.max_train_tokens={args.side_tokens}")
             if args.quick:
                 side_trials, side_sets = 2, overrides
             parts["side_by_side"] = side_by_side(tmp, side_trials, side_sets, args.rounds)
