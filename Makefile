@@ -63,11 +63,15 @@ bench-quick: install
 benchmarks/results/landscape.json: | $(VENV)/.installed
 	$(BIN)/python benchmarks/landscape.py
 
-# Every benchmark in docs/benchmarks.md, each printing its table (about an hour on 2 cores).
+# Every benchmark in docs/benchmarks.md, each printing its table (about 80 min on 2 cores);
+# the GPU figures only where torch sees a CUDA device.
 bench: install benchmarks/results/landscape.json
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/search_efficiency.py
+	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(BIN)/python benchmarks/gpu.py --json benchmarks/results/gpu.json; \
+	else echo "no CUDA device: benchmarks/gpu.py skipped"; fi
 
 clean:
 	rm -rf runs .pytest_cache
