@@ -700,6 +700,21 @@ def _remove_new_paths(paths: list[Path]) -> None:
                 path.unlink()
 
 
+def local_cpu_count() -> int | None:
+    """CPUs for a local Ray cluster where this process may run on fewer than the machine has
+    (``taskset``, a cpuset), else None (Ray counts them).
+
+    Ray counts the machine's CPUs (and cgroup quotas) but not the process's CPU affinity, so
+    ``taskset -c 0-3 adaptune search`` on a 64-core machine would schedule 64 one-CPU trials on
+    4 cores, and start as many idle workers as it counts CPUs, each polling a little.
+    """
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return None
+    return allowed if allowed < (os.cpu_count() or allowed) else None
+
+
 def _use_token_auth_if_available(address: str) -> None:
     """Send this machine's Ray auth token when connecting to an explicit address.
 
@@ -737,7 +752,8 @@ def run_search(
     Args:
         exp: the experiment (from :func:`search.experiment.load_experiment`).
         address: an existing Ray cluster (``ray://`` or ``host:port``); default: a local one.
-        num_cpus: CPUs of the local cluster (default: all).
+        num_cpus: CPUs of the local cluster (default: those this process may run on,
+            :func:`local_cpu_count`).
         log_to_driver: stream trial output to this process.
         max_failures: retries of a failed trial from its last checkpoint
             (default: ``exp.search.max_failures``).
@@ -768,7 +784,7 @@ def run_search(
             _use_token_auth_if_available(address)
             kwargs["address"] = address
         else:
-            kwargs |= {"num_cpus": num_cpus, "include_dashboard": False}
+            kwargs |= {"num_cpus": num_cpus or local_cpu_count(), "include_dashboard": False}
         # ray.init mostly waits for the GCS and raylet processes to come up: meanwhile a
         # thread imports what the driver needs next and opens the MLflow store, which a
         # failed ray.init takes away again (joined before this thread imports anything itself)

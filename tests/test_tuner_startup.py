@@ -3,6 +3,7 @@ while Ray starts, and nothing left behind when Ray does not start."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import ray
 
 from search.experiment import parse_experiment
-from search.tuner import _new_sqlite_paths, preload_modules, run_search
+from search.tuner import _new_sqlite_paths, local_cpu_count, preload_modules, run_search
 
 SMALL = {
     "name": "startup",
@@ -71,3 +72,40 @@ def test_a_failed_ray_init_leaves_no_mlflow_store(
         run_search(exp)
     assert not (tmp_path / "track").exists()
     assert not (tmp_path / "ray").exists()
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs CPU affinity with at least 2 CPUs to restrict",
+)
+def test_a_local_cluster_gets_the_cpus_this_process_may_run_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `taskset -c 0 adaptune search ...`: Ray would count every CPU of the machine; the local
+    # cluster must get only the one the process may use. ray.init is stopped after its
+    # arguments are seen (Ray honouring num_cpus is Ray's business).
+    data = dict(SMALL) | {
+        "storage_path": str(tmp_path / "ray"),
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    exp = parse_experiment(data, source="startup.yaml")
+    seen: list[dict[str, object]] = []
+
+    def record(**kwargs: object) -> None:
+        seen.append(kwargs)
+        raise ConnectionError("stop here")
+
+    monkeypatch.setattr(ray, "init", record)
+    allowed = os.sched_getaffinity(0)
+    assert local_cpu_count() is None or local_cpu_count() == len(allowed)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})
+        assert local_cpu_count() == 1
+        with pytest.raises(ConnectionError):
+            run_search(exp)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert seen and seen[0]["num_cpus"] == 1
+    with pytest.raises(ConnectionError):
+        run_search(exp, num_cpus=2)  # an explicit count wins
+    assert seen[1]["num_cpus"] == 2
