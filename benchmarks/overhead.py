@@ -1,27 +1,39 @@
 """Orchestration overhead: `adaptune search` against the same trials as plain function calls.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/overhead.py [--trials 12] [--rounds 2]
-        [--short-trials 100] [--only wall|memory|startup] [--json FILE]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/overhead.py [--only side-by-side|where|wall|
+        memory|startup] [--rounds 2] [--trials 12] [--side-trials 10] [--short-trials 100]
+        [--json FILE]
 
-1. Wall time. ``adaptune search experiments/quickstart.yaml`` (Ray Tune + OptunaSearch, ASHA off:
-   ``search.scheduler=fifo``; MLflow tracking and per-task checkpoints on, champion registered;
-   2 trials at once, 1 CPU each) runs ``--trials`` trials (default: the quickstart's 12, about
-   30 s each) in a temporary directory. Right after it, the same trials (their configs read back
-   from Ray's ``params.json``, in the order the search started them) run as plain ``prepare`` +
-   ``run_stream`` calls in one Python process, 2 at once in a process pool, with the same
-   threads. Both are timed from outside, interpreter start included. ``--rounds`` such pairs
-   (each a new search) are run; the ratio is printed per round, as the median of the rounds and
-   for all rounds together. Each round also pairs every trial's own compute in Ray (Tune's
-   ``time_total_s``) with the same trial's plain call, which separates a slower trial from
-   time spent around the trials.
-2. Time to the first trial: from the command's launch to Tune starting the first trial (the start
-   time of its MLflow child run, which our callback creates in ``on_trial_start``).
-3. Driver memory: the ``adaptune search`` process's RSS, sampled while it runs
-   ``--short-trials`` very short trials (1 task of 2k tokens, tiny model, 2 at once), against the
-   number of trials started; growth per trial is the slope of a least-squares line over the
-   samples after the 10th trial (read from ``/proc/PID/status``: Linux only).
+1. Side by side (``--only side-by-side``). ``adaptune search experiments/quickstart.yaml``
+   (Ray Tune + OptunaSearch, ASHA off: ``search.scheduler=fifo``; MLflow tracking and per-task
+   checkpoints on, champion registered) runs ``--side-trials`` trials one at a time, and the same
+   trials run as plain ``prepare`` + ``run_stream`` calls one after another in one Python
+   process. Both commands start at the same moment, each pinned to its own core with
+   ``taskset`` (the search's driver, Ray's processes and its trial worker share one core), so
+   the machine's drift over the minutes moves both alike. The trials are TPE's seeded random
+   start-up trials (hence at most 10), the same whatever they score, so a search of tiny trials
+   finds them first; the script checks the search proposed the same. The CPU time of every
+   process of both commands is sampled from ``/proc``. Rounds swap the cores.
+2. Two at once, in turns (``--only wall``): the search runs ``--trials`` trials (default: the
+   quickstart's 12), 2 at a time with 1 CPU each, on both cores; right after it, the same
+   trials (read back from Ray's ``params.json``, in the order the search started them) run as
+   plain calls, 2 at once in a process pool, with the same threads. Both are timed from
+   outside, interpreter start included. ``--rounds`` such pairs, in the order S P | P S ...
+   Each round also pairs every trial's own compute in Ray (Tune's ``time_total_s``) with the
+   same trial's plain call.
+3. Time to the first trial: from the command's launch to Tune starting the first trial (the
+   start time of its MLflow child run, which our callback creates in ``on_trial_start``);
+   ``--only startup`` times the steps before it one by one.
+4. Where the trial runs (``--only where``): one quickstart trial in a plain process's main
+   thread and, at the same time on the other core, in a thread (as Tune's function runner runs
+   a trainable) or in a Ray actor's thread (a local 1-CPU cluster); each pair twice, the cores
+   swapped; user and system CPU and context switches from ``/proc``.
+5. Driver memory (``--only memory``): the ``adaptune search`` process's RSS, sampled while it
+   runs ``--short-trials`` very short trials (1 task of 2k tokens, tiny model, 2 at once),
+   against the number of trials started; growth per trial is the slope of a least-squares line
+   over the samples after the 10th trial (read from ``/proc/PID/status``: Linux only).
 
-``--quick`` runs 2 short trials for part 1 and 10 for part 3 (a smoke test).
+``--quick`` runs 2 short trials for parts 1 and 2 and 10 for part 5 (a smoke test).
 """
 
 from __future__ import annotations
@@ -419,6 +431,148 @@ def side_by_side(tmp: Path, trials: int, overrides: list[str], rounds: int) -> l
     return out
 
 
+# ---- where the trial runs: a plain process's main thread, a thread, a Ray actor's thread -------
+
+_WHERE = r"""
+import json, os, sys, threading
+sys.path.insert(0, sys.argv[3])
+configs = json.load(open(sys.argv[2]))
+
+def go():
+    from trainables import parse_run_config, prepare, run_stream
+    for c in configs:
+        run_stream(prepare(parse_run_config(c)), report=lambda m, c: None, threads=1)
+
+def in_thread():
+    th = threading.Thread(target=go)
+    th.start()
+    th.join()
+
+if sys.argv[1] == "main":
+    go()
+elif sys.argv[1] == "thread":
+    in_thread()
+else:  # a Ray actor's thread, as Tune's function trainable runs (a local 1-CPU cluster)
+    import ray
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.get(ray.remote(num_cpus=1)(type("Trial", (), {"run": lambda self: in_thread()}))
+            .remote().run.remote())
+"""
+
+
+def where_check(tmp: Path, trials: int) -> list[dict[str, Any]]:
+    """The same trials run in a plain process's main thread and, at the same time on the other
+    core, in a thread (as Tune's function runner runs a trainable) or in a Ray actor's thread;
+    each pair twice, the cores swapped. User and system CPU time and context switches of the
+    processes (a Ray actor's: its worker's) come from ``/proc``."""
+    from search.experiment import load_experiment
+
+    configs = [load_experiment(EXPERIMENT).run.model_dump(mode="json")] * trials
+    configs_file = tmp / "where.json"
+    configs_file.write_text(json.dumps(configs))
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = []
+    for other in ("thread", "ray actor thread"):
+        for swap in (False, True):
+            main_core, other_core = (cores[1], cores[0]) if swap else (cores[0], cores[1])
+            procs = {
+                mode: subprocess.Popen(
+                    [
+                        "taskset",
+                        "-c",
+                        str(core),
+                        sys.executable,
+                        "-c",
+                        _WHERE,
+                        mode.split()[0],
+                        str(configs_file),
+                        str(ROOT),
+                    ],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for mode, core in (("main", main_core), (other, other_core))
+            }
+            seen: dict[str, dict[str, float]] = {}
+            while any(p.poll() is None for p in procs.values()):
+                for mode, proc in procs.items():
+                    pids = [proc.pid]
+                    if mode.startswith("ray"):
+                        pids = [
+                            q for q in _descendants(proc.pid) if _title(q).startswith("ray::Trial")
+                        ]
+                    for pid in pids:
+                        figures = _cpu_and_switches(pid)
+                        if figures:
+                            seen[mode] = figures
+                time.sleep(0.5)
+            out.append(
+                {
+                    "pair": ["main", other],
+                    "cores": {"main": main_core, other: other_core},
+                    "figures": seen,
+                }
+            )
+    return out
+
+
+def _descendants(root: int) -> list[int]:
+    table = proc_table()
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        kids = [q for q, (ppid, _) in table.items() if ppid == pid]
+        found += kids
+        stack += kids
+    return found
+
+
+def _title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return ""
+
+
+def _cpu_and_switches(pid: int) -> dict[str, float] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        switches = {"voluntary": 0, "involuntary": 0}
+        for task in tasks:
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches"):
+                    switches["voluntary"] += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches"):
+                    switches["involuntary"] += int(line.split()[1])
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return {"user_s": int(fields[11]) / TICK, "system_s": int(fields[12]) / TICK, **switches}
+
+
+def print_where(pairs: list[dict[str, Any]]) -> None:
+    print(
+        "\n## Where the trial runs: the same trials, two processes at once, one core each\n\n"
+        "| pair (cores) | where | user CPU | system CPU | context switches (voluntary / "
+        "involuntary) | user CPU vs main thread |\n|---|---|---|---|---|---|"
+    )
+    for w in pairs:
+        main, other = w["pair"]
+        cores = ", ".join(f"{k} {v}" for k, v in w["cores"].items())
+        base = w["figures"][main]["user_s"]
+        for mode in (main, other):
+            f = w["figures"][mode]
+            print(
+                f"| {main} vs {other} ({cores}) | {mode} | {f['user_s']:.1f} s | "
+                f"{f['system_s']:.1f} s | {f['voluntary']:.0f} / {f['involuntary']:.0f} | "
+                f"{f['user_s'] / base:.3f} |"
+            )
+
+
 def rss_bytes(pid: int) -> int | None:
     """Resident set size of ``pid`` from ``/proc`` (Linux), None once it has exited."""
     try:
@@ -497,7 +651,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep logs, Ray results and MLflow here")
     parser.add_argument(
         "--only",
-        choices=["side-by-side", "wall", "memory", "startup"],
+        choices=["side-by-side", "wall", "memory", "startup", "where"],
         help="run one part (wall: two at once, in turns; startup: its steps)",
     )
     parser.add_argument(
@@ -534,6 +688,9 @@ def main() -> None:
                 side_trials, side_sets = 2, overrides
             parts["side_by_side"] = side_by_side(tmp, side_trials, side_sets, args.rounds)
             print_side_by_side(parts["side_by_side"])
+        if args.only in (None, "where"):
+            parts["where"] = where_check(tmp, 1)
+            print_where(parts["where"])
         if args.only in (None, "wall"):
             parts["two_at_once"] = wall_rounds(tmp, trials, overrides, args.rounds)
             print_wall(parts["two_at_once"])
