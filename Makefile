@@ -63,7 +63,7 @@ bench-quick: install
 benchmarks/results/landscape.json: | $(VENV)/.installed
 	$(BIN)/python benchmarks/landscape.py
 
-# Every benchmark in docs/benchmarks.md, each printing its table (about 80 min on 2 cores);
+# Every benchmark in docs/benchmarks.md, each printing its table (about 90 min on 2 cores);
 # the GPU figures only where torch sees a CUDA device.
 bench: install benchmarks/results/landscape.json
 	$(BIN)/python benchmarks/speed.py
