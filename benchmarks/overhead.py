@@ -743,6 +743,21 @@ def startup_steps(tmp: Path) -> None:
     print(f"| total | {sum(s for _, s in laps):.1f} |")
 
 
+def _timing_rows(r: str, w: dict[str, Any]) -> str:
+    """The rows both wall-time tables share: wall time and where it went."""
+    s, p = w["search"], w["plain"]
+    return (
+        f"| {r} | wall time | {s['wall_s']:.1f} s | {p['wall_s']:.1f} s | "
+        f"**{w['ratio']:.3f}** |\n"
+        f"| {r} | command launch -> first trial start | {s['first_trial_s']:.1f} s | "
+        f"{p['first_trial_s']:.1f} s | |\n"
+        f"| {r} | first trial start -> last trial end | {s['between_s']:.1f} s | "
+        f"{p['between_s']:.1f} s | {s['between_s'] / p['between_s']:.3f} |\n"
+        f"| {r} | last trial end -> command exit | {s['after_last_trial_s']:.1f} s | "
+        f"{p['after_last_trial_s']:.1f} s | |"
+    )
+
+
 def print_wall(rounds: list[dict[str, Any]]) -> None:
     print(
         f"\n## Orchestration overhead: {rounds[0]['trials']} quickstart trials, 2 at once, "
@@ -754,14 +769,7 @@ def print_wall(rounds: list[dict[str, Any]]) -> None:
         r, s, p = f"{w['round']} ({w['order']})", w["search"], w["plain"]
         lo, hi = w["trial_compute_ratio_range"]
         print(
-            f"| {r} | wall time | {s['wall_s']:.1f} s | {p['wall_s']:.1f} s | "
-            f"**{w['ratio']:.3f}** |\n"
-            f"| {r} | command launch -> first trial start | {s['first_trial_s']:.1f} s | "
-            f"{p['first_trial_s']:.1f} s | |\n"
-            f"| {r} | first trial start -> last trial end | {s['between_s']:.1f} s | "
-            f"{p['between_s']:.1f} s | {s['between_s'] / p['between_s']:.3f} |\n"
-            f"| {r} | last trial end -> command exit | {s['after_last_trial_s']:.1f} s | "
-            f"{p['after_last_trial_s']:.1f} s | |\n"
+            f"{_timing_rows(r, w)}\n"
             f"| {r} | median trial duration | {s['trial_s']:.1f} s | {p['trial_s']:.1f} s | |\n"
             f"| {r} | same trial's compute, search / plain: median (range) | | | "
             f"{w['trial_compute_ratio_median']:.3f} ({lo:.2f}-{hi:.2f}) |\n"
@@ -796,17 +804,10 @@ def print_side_by_side(rounds: list[dict[str, Any]]) -> None:
     )
     for w in rounds:
         r = f"{w['round']} (search {w['cores']['search']}, plain {w['cores']['plain']})"
-        s, p, cs, cp = w["search"], w["plain"], w["cpu_s"]["search"], w["cpu_s"]["plain"]
+        cs, cp = w["cpu_s"]["search"], w["cpu_s"]["plain"]
         lo, hi = w["trial_compute_ratio_range"]
         print(
-            f"| {r} | wall time | {s['wall_s']:.1f} s | {p['wall_s']:.1f} s | "
-            f"**{w['ratio']:.3f}** |\n"
-            f"| {r} | command launch -> first trial start | {s['first_trial_s']:.1f} s | "
-            f"{p['first_trial_s']:.1f} s | |\n"
-            f"| {r} | first trial start -> last trial end | {s['between_s']:.1f} s | "
-            f"{p['between_s']:.1f} s | {s['between_s'] / p['between_s']:.3f} |\n"
-            f"| {r} | last trial end -> command exit | {s['after_last_trial_s']:.1f} s | "
-            f"{p['after_last_trial_s']:.1f} s | |\n"
+            f"{_timing_rows(r, w)}\n"
             f"| {r} | same trial's compute, search / plain: median (range) | | | "
             f"{w['trial_compute_ratio_median']:.3f} ({lo:.2f}-{hi:.2f}) |\n"
             f"| {r} | CPU time, all processes | {cs['total']:.1f} s | {cp['total']:.1f} s | "
