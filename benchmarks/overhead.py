@@ -256,6 +256,13 @@ def wall_rounds(tmp: Path, trials: int, overrides: list[str], rounds: int) -> li
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def _stat_fields(stat_file: str | Path) -> list[str]:
+    """The fields of a ``/proc/PID/stat`` file after the command name (field 3 on): state,
+    parent pid, ... user time at index 11, system time at 12 (clock ticks)."""
+    stat = Path(stat_file).read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def proc_table() -> dict[int, tuple[int, float]]:
     """pid -> (parent pid, user + system CPU seconds so far) of every process (Linux ``/proc``)."""
     table = {}
@@ -263,12 +270,33 @@ def proc_table() -> dict[int, tuple[int, float]]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = Path(entry.path, "stat").read_text()
+            fields = _stat_fields(Path(entry.path, "stat"))
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
         table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK)
     return table
+
+
+def process_tree(root: int, table: dict[int, tuple[int, float]]) -> list[int]:
+    """``root`` and every process under it in ``table`` (from :func:`proc_table`)."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        if pid in table:
+            found.append(pid)
+        stack.extend(children.get(pid, []))
+    return found
+
+
+def _title(pid: int) -> str:
+    """A process's title (Ray workers set theirs: ``ray::ImplicitFunc``, ``ray::IDLE``)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return ""
 
 
 class CpuTree:
@@ -283,22 +311,11 @@ class CpuTree:
         self.trial_worker: set[int] = set()
 
     def sample(self, table: dict[int, tuple[int, float]]) -> None:
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        stack = [self.root]
-        while stack:
-            pid = stack.pop()
-            if pid in table:
-                self.cpu[pid] = table[pid][1]
-                if pid not in self.trial_worker and pid != self.root:
-                    try:
-                        title = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    except OSError:
-                        title = b""
-                    if title.startswith(b"ray::ImplicitFunc"):
-                        self.trial_worker.add(pid)
-            stack.extend(children.get(pid, []))
+        for pid in process_tree(self.root, table):
+            self.cpu[pid] = table[pid][1]
+            if pid not in self.trial_worker and pid != self.root:
+                if _title(pid).startswith("ray::ImplicitFunc"):
+                    self.trial_worker.add(pid)
 
     def parts(self) -> dict[str, float]:
         trial = sum(self.cpu[p] for p in self.trial_worker)
@@ -501,9 +518,8 @@ def where_check(tmp: Path, trials: int) -> list[dict[str, Any]]:
                 for mode, proc in procs.items():
                     pids = [proc.pid]
                     if mode.startswith("ray"):
-                        pids = [
-                            q for q in _descendants(proc.pid) if _title(q).startswith("ray::Trial")
-                        ]
+                        tree = process_tree(proc.pid, proc_table())
+                        pids = [q for q in tree if _title(q).startswith("ray::Trial")]
                     for pid in pids:
                         figures = _cpu_and_switches(pid)
                         if figures:
@@ -519,27 +535,9 @@ def where_check(tmp: Path, trials: int) -> list[dict[str, Any]]:
     return out
 
 
-def _descendants(root: int) -> list[int]:
-    table = proc_table()
-    found, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        kids = [q for q, (ppid, _) in table.items() if ppid == pid]
-        found += kids
-        stack += kids
-    return found
-
-
-def _title(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-    except OSError:
-        return ""
-
-
 def _cpu_and_switches(pid: int) -> dict[str, float] | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = _stat_fields(f"/proc/{pid}/stat")
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
         switches = {"voluntary": 0, "involuntary": 0}
         for task in tasks:
@@ -550,7 +548,6 @@ def _cpu_and_switches(pid: int) -> dict[str, float] | None:
                     switches["involuntary"] += int(line.split()[1])
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2 :].split()
     return {"user_s": int(fields[11]) / TICK, "system_s": int(fields[12]) / TICK, **switches}
 
 
@@ -758,6 +755,13 @@ def _timing_rows(r: str, w: dict[str, Any]) -> str:
     )
 
 
+def _ratios(rounds: list[dict[str, Any]]) -> str:
+    """Each round's wall-time ratio and all rounds' together."""
+    per_round = ", ".join(f"{w['ratio']:.3f}" for w in rounds)
+    total = sum(w["search"]["wall_s"] for w in rounds) / sum(w["plain"]["wall_s"] for w in rounds)
+    return f"per round {per_round}; all rounds together {total:.3f}"
+
+
 def print_wall(rounds: list[dict[str, Any]]) -> None:
     print(
         f"\n## Orchestration overhead: {rounds[0]['trials']} quickstart trials, 2 at once, "
@@ -777,8 +781,6 @@ def print_wall(rounds: list[dict[str, Any]]) -> None:
             f"{p['probe_s']:.2f} | |",
             flush=True,
         )
-    ratios = [w["ratio"] for w in rounds]
-    total = sum(w["search"]["wall_s"] for w in rounds) / sum(w["plain"]["wall_s"] for w in rounds)
     fixed = [
         w["search"]["first_trial_s"]
         + w["search"]["after_last_trial_s"]
@@ -787,8 +789,7 @@ def print_wall(rounds: list[dict[str, Any]]) -> None:
         for w in rounds
     ]
     print(
-        f"\nwall-time ratio (target <= 1.10): per round {', '.join(f'{x:.3f}' for x in ratios)}; "
-        f"all rounds together {total:.3f}\n"
+        f"\nwall-time ratio (target <= 1.10): {_ratios(rounds)}\n"
         f"fixed cost of the search (before the first and after the last trial, beyond the plain "
         f"calls'): {', '.join(f'{x:.1f} s' for x in fixed)}",
         flush=True,
@@ -817,13 +818,7 @@ def print_side_by_side(rounds: list[dict[str, Any]]) -> None:
             f"{cp['root']:.1f} s (one process) | |",
             flush=True,
         )
-    ratios = [w["ratio"] for w in rounds]
-    total = sum(w["search"]["wall_s"] for w in rounds) / sum(w["plain"]["wall_s"] for w in rounds)
-    print(
-        f"\nside-by-side wall-time ratio (target <= 1.10): per round "
-        f"{', '.join(f'{x:.3f}' for x in ratios)}; all rounds together {total:.3f}",
-        flush=True,
-    )
+    print(f"\nside-by-side wall-time ratio (target <= 1.10): {_ratios(rounds)}", flush=True)
 
 
 def print_memory(m: dict[str, Any]) -> None:
