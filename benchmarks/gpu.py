@@ -158,7 +158,10 @@ def bare_loop(cfg: Any, blocks: torch.Tensor, steps: int, device: torch.device) 
     return tokens / (time.perf_counter() - start)
 
 
-def speed(args: argparse.Namespace, device: torch.device, shape: dict[str, int]) -> dict[str, Any]:
+def speed(
+    args: argparse.Namespace, device: torch.device, shape: dict[str, int], gpu: str
+) -> dict[str, Any]:
+    """``gpu``: the device's name (from :func:`machine`), for its datasheet peak."""
     bf16 = device.type == "cuda"
     cfg = parse_run_config(run_dict(shape, args.tokens, args.block, args.batch, device.type, bf16))
     prep = prepare(cfg)
@@ -179,7 +182,6 @@ def speed(args: argparse.Namespace, device: torch.device, shape: dict[str, int])
         peaks.append(matmul_peak(device, args.matmul))
     best = {k: max(v) for k, v in tps.items()}
     peak = max(peaks)
-    gpu = machine().get("gpu") or ""
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in gpu), None)
     return {
         "params": params,
@@ -278,7 +280,7 @@ def main() -> None:
     info = machine()
     print(f"\n## GPU benchmark on {info.get('gpu', 'the CPU (smoke test)')}\n")
     print(json.dumps(info))
-    s = speed(args, device, shape)
+    s = speed(args, device, shape, info.get("gpu") or "")
     print(
         f"\n{s['params'] / 1e6:.1f}M parameters, block {args.block}, batch {args.batch}, "
         f"{args.tokens} train tokens per task, {args.rounds} rounds\n\n"
