@@ -11,7 +11,7 @@ import mlflow
 import pytest
 import ray
 
-from search.experiment import parse_experiment
+from search.experiment import Experiment, parse_experiment
 from search.tuner import _new_sqlite_paths, local_cpu_count, preload_modules, run_search
 
 SMALL = {
@@ -31,6 +31,15 @@ SMALL = {
     "space": {"lr": {"loguniform": [1e-4, 1e-2]}},
     "search": {"num_samples": 1},
 }
+
+
+def small_experiment(tmp_path: Path, db: Path) -> Experiment:
+    """SMALL with its Ray results under ``tmp_path / "ray"`` and its MLflow store at ``db``."""
+    data = dict(SMALL) | {
+        "storage_path": str(tmp_path / "ray"),
+        "tracking": {"tracking_uri": f"sqlite:///{db}"},
+    }
+    return parse_experiment(data, source="startup.yaml")
 
 
 def test_preload_opens_a_real_mlflow_store_and_imports(tmp_path: Path) -> None:
@@ -54,11 +63,7 @@ def test_a_failed_ray_init_leaves_no_mlflow_store(
 ) -> None:
     # Ray itself is not under test here: ray.init is made to fail to see what the search
     # leaves behind. The store thread opened the store meanwhile; it must be gone.
-    data = dict(SMALL) | {
-        "storage_path": str(tmp_path / "ray"),
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'track' / 'mlflow.db'}"},
-    }
-    exp = parse_experiment(data, source="startup.yaml")
+    exp = small_experiment(tmp_path, tmp_path / "track" / "mlflow.db")
     assert not ray.is_initialized()
 
     def refuse(**_: object) -> None:
@@ -84,11 +89,7 @@ def test_a_local_cluster_gets_the_cpus_this_process_may_run_on(
     # `taskset -c 0 adaptune search ...`: Ray would count every CPU of the machine; the local
     # cluster must get only the one the process may use. ray.init is stopped after its
     # arguments are seen (Ray honouring num_cpus is Ray's business).
-    data = dict(SMALL) | {
-        "storage_path": str(tmp_path / "ray"),
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    }
-    exp = parse_experiment(data, source="startup.yaml")
+    exp = small_experiment(tmp_path, tmp_path / "mlflow.db")
     seen: list[dict[str, object]] = []
 
     def record(**kwargs: object) -> None:
