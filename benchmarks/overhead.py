@@ -1,8 +1,8 @@
 """Orchestration overhead: `adaptune search` against the same trials as plain function calls.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/overhead.py [--only side-by-side|where|wall|
-        memory|startup] [--rounds 2] [--trials 12] [--side-trials 10] [--short-trials 100]
-        [--json FILE]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/overhead.py [--only side-by-side|one-at-a-time|
+        where|wall|memory|startup] [--rounds 2] [--trials 12] [--side-trials 10]
+        [--short-trials 100] [--json FILE]
 
 1. Side by side (``--only side-by-side``). ``adaptune search experiments/quickstart.yaml``
    (Ray Tune + OptunaSearch, ASHA off: ``search.scheduler=fifo``; MLflow tracking and per-task
@@ -14,26 +14,30 @@
    start-up trials (hence at most 10), the same whatever they score, so a search of tiny trials
    finds them first; the script checks the search proposed the same. The CPU time of every
    process of both commands is sampled from ``/proc``. Rounds swap the cores.
-2. Two at once, in turns (``--only wall``): the search runs ``--trials`` trials (default: the
+2. One at a time, in turns (``--only one-at-a-time``): the search runs ``--side-trials``
+   trials one at a time with 2 CPUs (2 torch threads) each, on both cores; next to it in time,
+   the same trials run as plain calls one after another in one process with 2 threads. Timed
+   and paired as in 3, in the order S P | P S ...
+3. Two at once, in turns (``--only wall``): the search runs ``--trials`` trials (default: the
    quickstart's 12), 2 at a time with 1 CPU each, on both cores; right after it, the same
    trials (read back from Ray's ``params.json``, in the order the search started them) run as
    plain calls, 2 at once in a process pool, with the same threads. Both are timed from
    outside, interpreter start included. ``--rounds`` such pairs, in the order S P | P S ...
    Each round also pairs every trial's own compute in Ray (Tune's ``time_total_s``) with the
    same trial's plain call.
-3. Time to the first trial: from the command's launch to Tune starting the first trial (the
+4. Time to the first trial: from the command's launch to Tune starting the first trial (the
    start time of its MLflow child run, which our callback creates in ``on_trial_start``);
    ``--only startup`` times the steps before it one by one.
-4. Where the trial runs (``--only where``): one quickstart trial in a plain process's main
+5. Where the trial runs (``--only where``): one quickstart trial in a plain process's main
    thread and, at the same time on the other core, in a thread (as Tune's function runner runs
    a trainable) or in a Ray actor's thread (a local 1-CPU cluster); each pair twice, the cores
    swapped; user and system CPU and context switches from ``/proc``.
-5. Driver memory (``--only memory``): the ``adaptune search`` process's RSS, sampled while it
+6. Driver memory (``--only memory``): the ``adaptune search`` process's RSS, sampled while it
    runs ``--short-trials`` very short trials (1 task of 2k tokens, tiny model, 2 at once),
    against the number of trials started; growth per trial is the slope of a least-squares line
    over the samples after the 10th trial (read from ``/proc/PID/status``: Linux only).
 
-``--quick`` runs 2 short trials for parts 1 and 2 and 10 for part 5 (a smoke test).
+``--quick`` runs 2 short trials for parts 1 to 3 and 10 for part 6 (a smoke test).
 """
 
 from __future__ import annotations
@@ -109,28 +113,30 @@ def child_runs(tracking_uri: str, name: str) -> list[Any]:
 # ---- the plain baseline (runs in its own interpreter: `overhead.py --plain FILE`) ----------
 
 
-def _plain_one(config: dict[str, Any]) -> tuple[float, float, float]:
+def _plain_one(config: dict[str, Any], threads: int = 1) -> tuple[float, float, float]:
     """(start, after the imports, end) of one trial as a plain call, epoch seconds."""
     begin = time.time()
     from trainables import parse_run_config, prepare, run_stream  # once per worker process
 
     imported = time.time()
     cfg = parse_run_config(config)
-    run_stream(prepare(cfg), report=lambda _m, _c: None, threads=1)
+    run_stream(prepare(cfg), report=lambda _m, _c: None, threads=threads)
     return begin, imported, time.time()
 
 
-def plain(configs_file: Path, workers: int) -> None:
-    """The trials as plain calls: ``workers`` 1 runs them one after another in this process,
-    more run them in a process pool, that many at once."""
+def plain(configs_file: Path, workers: int, threads: int = 1) -> None:
+    """The trials as plain calls with ``threads`` torch threads each: ``workers`` 1 runs them
+    one after another in this process, more run them in a process pool, that many at once."""
+    import functools
     import multiprocessing as mp
 
     configs = json.loads(configs_file.read_text())
+    one = functools.partial(_plain_one, threads=threads)
     if workers == 1:
-        spans = [_plain_one(c) for c in configs]
+        spans = [one(c) for c in configs]
     else:
         with mp.get_context("spawn").Pool(workers) as pool:
-            spans = pool.map(_plain_one, configs, chunksize=1)
+            spans = pool.map(one, configs, chunksize=1)
     first, last = min(s[0] for s in spans), max(s[-1] for s in spans)
     print(json.dumps({"first_start": first, "last_end": last, "spans": spans}))
 
@@ -185,11 +191,14 @@ def _search_figures(
     }
 
 
-def run_plain(tmp: Path, name: str, configs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The same trials as plain calls in a 2-process pool, from outside."""
+def run_plain(
+    tmp: Path, name: str, configs: list[dict[str, Any]], workers: int = 2, threads: int = 1
+) -> dict[str, Any]:
+    """The same trials as plain calls (``workers`` at once, ``threads`` each), from outside."""
     configs_file = tmp / f"{name}.json"
     configs_file.write_text(json.dumps(configs))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(configs_file)]
+    cmd += ["--workers", str(workers), "--threads", str(threads)]
     probe = speed_probe()
     log = tmp / f"{name}.log"
     launch, wall, rc = run_timed(cmd, log)
@@ -213,27 +222,36 @@ def _plain_figures(
     }
 
 
-def wall_rounds(tmp: Path, trials: int, overrides: list[str], rounds: int) -> list[dict[str, Any]]:
+def wall_rounds(
+    tmp: Path,
+    trials: int,
+    overrides: list[str],
+    rounds: int,
+    workers: int = 2,
+    threads: int = 1,
+    tag: str = "wall",
+) -> list[dict[str, Any]]:
     """``rounds`` pairs of (search, plain), in the order S P | P S | S P ...: a machine that
     speeds up or slows down over the minutes favours neither side. The searches use the
     same seed, so TPE proposes the same trials each time, except where a trial after its
     random start-up depends on which trials finished first: that round's search is then
-    paired with a plain run of its own trials after it."""
+    paired with a plain run of its own trials after it. The plain calls run ``workers`` at
+    once with ``threads`` each, as the search's ``overrides`` run them."""
     out: list[dict[str, Any]] = []
     configs: list[dict[str, Any]] | None = None
     for r in range(1, rounds + 1):
         if r % 2 == 1 or configs is None:
-            s = run_search(tmp, f"overhead-wall-{r}", trials, overrides)
+            s = run_search(tmp, f"overhead-{tag}-{r}", trials, overrides)
             configs = s["configs"]
-            p = run_plain(tmp, f"plain-{r}", configs)
+            p = run_plain(tmp, f"plain-{tag}-{r}", configs, workers, threads)
         else:
-            p = run_plain(tmp, f"plain-{r}", configs)
-            s = run_search(tmp, f"overhead-wall-{r}", trials, overrides)
+            p = run_plain(tmp, f"plain-{tag}-{r}", configs, workers, threads)
+            s = run_search(tmp, f"overhead-{tag}-{r}", trials, overrides)
         order = "search, plain" if r % 2 == 1 else "plain, search"
         if s["configs"] != p["configs"]:
             # TPE's first 10 trials are its seeded random start-up and always match; later ones
             # depend on which trials finished first. Pair the search with its own trials.
-            p = run_plain(tmp, f"plain-{r}b", s["configs"])
+            p = run_plain(tmp, f"plain-{tag}-{r}b", s["configs"], workers, threads)
             order = "plain, search, plain (the search proposed other trials)"
         paired = [a / b for a, b in zip(s["compute_s"], p["compute_s"], strict=True)]
         out.append(
@@ -648,11 +666,15 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep logs, Ray results and MLflow here")
     parser.add_argument(
         "--only",
-        choices=["side-by-side", "wall", "memory", "startup", "where"],
-        help="run one part (wall: two at once, in turns; startup: its steps)",
+        choices=["side-by-side", "one-at-a-time", "wall", "memory", "startup", "where"],
+        help="run one part (one-at-a-time: 2 CPUs per trial, in turns; wall: two at once, in "
+        "turns; startup: its steps)",
     )
     parser.add_argument(
-        "--side-trials", type=int, default=10, help="trials of the side-by-side figure (<= 10)"
+        "--side-trials",
+        type=int,
+        default=10,
+        help="trials of the side-by-side and one-at-a-time figures",
     )
     parser.add_argument(
         "--side-tokens",
@@ -661,9 +683,10 @@ def main() -> None:
     )
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain is not None:
-        plain(args.plain, args.workers)
+        plain(args.plain, args.workers, args.threads)
         return
     trials, short = args.trials, args.short_trials
     overrides = list(args.set)
@@ -685,6 +708,13 @@ def main() -> None:
                 side_trials, side_sets = 2, overrides
             parts["side_by_side"] = side_by_side(tmp, side_trials, side_sets, args.rounds)
             print_side_by_side(parts["side_by_side"])
+        if args.only in (None, "one-at-a-time"):
+            one_trials = 2 if args.quick else args.side_trials
+            sets = ["search.max_concurrent=1", "resources.cpus_per_trial=2", *overrides]
+            parts["one_at_a_time"] = wall_rounds(
+                tmp, one_trials, sets, args.rounds, workers=1, threads=2, tag="one"
+            )
+            print_wall(parts["one_at_a_time"], "one at a time, 2 CPUs (2 threads) each")
         if args.only in (None, "where"):
             parts["where"] = where_check(tmp, 1)
             print_where(parts["where"])
@@ -762,10 +792,10 @@ def _ratios(rounds: list[dict[str, Any]]) -> str:
     return f"per round {per_round}; all rounds together {total:.3f}"
 
 
-def print_wall(rounds: list[dict[str, Any]]) -> None:
+def print_wall(rounds: list[dict[str, Any]], how: str = "2 at once, 1 CPU each") -> None:
     print(
-        f"\n## Orchestration overhead: {rounds[0]['trials']} quickstart trials, 2 at once, "
-        f"1 CPU each, {len(rounds)} round(s)\n\n"
+        f"\n## Orchestration overhead: {rounds[0]['trials']} quickstart trials, {how}, "
+        f"{len(rounds)} round(s)\n\n"
         "| round (order) | figure | adaptune search | plain calls | ratio |\n|---|---|---|---|---|",
         flush=True,
     )
