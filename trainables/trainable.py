@@ -3,6 +3,13 @@
 Uses only ``ray.tune.report / Checkpoint / get_checkpoint / get_context``: ``ray.train.*`` inside
 a Tune function fails under Ray Train V2.
 
+Each trial starts with ``gc.freeze()``: what the worker holds by then (Ray, torch,
+transformers and their modules, about half a million objects) moves to the collector's permanent
+generation, so the collection when the trial ends walks only the trial's own objects (0.18 s a
+trial before, on the quickstart). Frozen objects are still freed by reference counting; only
+cycles among them would outlive the process, and at a trial's start the previous trial's cycles
+have been collected.
+
 Each report also carries ``node_id``, the Ray node the trial ran on (a string: MLflow gets it as
 the child run's tag ``adaptune.node_id``, not as a metric). When the trial ends, however it
 ends, its GPU memory is handed back (``torch.cuda.empty_cache``), so the next trial on that GPU
@@ -34,6 +41,7 @@ def continual_trainable(config: dict[str, Any]) -> None:
     # One "Checkpoint successfully created" INFO line per task and trial drowns the progress
     # table on the driver; checkpoint errors are still logged at WARNING and above.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    gc.freeze()
     cfg = parse_run_config(config)
     node_id = ray.get_runtime_context().get_node_id()
     resources = tune.get_context().get_trial_resources().required_resources
@@ -82,3 +90,4 @@ def release_accelerator_memory() -> None:
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
