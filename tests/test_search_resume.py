@@ -45,8 +45,8 @@ EXPERIMENT: dict[str, Any] = {
         "model": {"name": "tiny-gpt", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64},
         "stream": {
             "block_size": 32,
-            # ~1-3 s per task on one core: the kill lands mid-trial
-            "max_train_tokens": 65536,
+            # short tasks: the kill point freezes a trial midway, so it needs no slow machine
+            "max_train_tokens": 16384,
             "max_eval_blocks": 4,
             "tasks": [
                 {"name": "docs", "builtin": "python_docs"},
@@ -316,8 +316,17 @@ def _children(client: MlflowClient) -> list[Any]:
 def _wait_for_kill_point(client: MlflowClient, proc: subprocess.Popen[bytes], log: Path) -> None:
     """Until one trial has finished and another is between tasks 1 and T (MLflow's view), both
     seen so far >= `settle` seconds: MLflow hears of a result or an end a moment before Tune's
-    experiment snapshot records it, and the test is about the snapshot's view."""
-    settle, deadline, seen = 1.0, time.monotonic() + 240, {}
+    experiment snapshot records it, and the test is about the snapshot's view.
+
+    On a fast machine a task lasts less than `settle`, so a trial seen between tasks 1 and T for
+    `pause` seconds is frozen there: SIGSTOP to its worker, named by the run's
+    ``adaptune.pid`` tag. Not at once: Tune registers a reported checkpoint only after a ``save``
+    call on the trial's worker, which a stopped worker would never answer. The SIGKILL that
+    follows reaches a stopped process as well."""
+    settle, pause, deadline = 1.0, 0.5, time.monotonic() + 240
+    seen: dict[tuple[str, str, int], float] = {}
+    between_since: dict[str, float] = {}
+    frozen: dict[str, int] = {}  # run id -> pid stopped
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"search ended before the kill:\n{log.read_text()[-3000:]}"
         try:
@@ -327,14 +336,23 @@ def _wait_for_kill_point(client: MlflowClient, proc: subprocess.Popen[bytes], lo
         now = time.monotonic()
         finished, midway = False, False
         for r in runs:
-            task = int(r.data.metrics.get("task_index", 0))
-            since = seen.setdefault((r.info.run_id, r.info.status, task), now)
+            run_id, task = r.info.run_id, int(r.data.metrics.get("task_index", 0))
+            since = seen.setdefault((run_id, r.info.status, task), now)
             settled = now - since >= settle
+            between = r.info.status == "RUNNING" and 1 <= task < T
+            pid = r.data.tags.get("adaptune.pid")
+            if not between:
+                between_since.pop(run_id, None)
+                if run_id in frozen:  # it got to the end before the stop
+                    os.kill(frozen.pop(run_id), signal.SIGCONT)
+            elif not frozen and pid and now - between_since.setdefault(run_id, now) >= pause:
+                os.kill(int(pid), signal.SIGSTOP)
+                frozen[run_id] = int(pid)
             finished |= r.info.status == "FINISHED" and settled
-            midway |= r.info.status == "RUNNING" and 1 <= task < T and settled
+            midway |= between and settled and run_id in frozen
         if finished and midway:
             return
-        time.sleep(0.25)
+        time.sleep(0.05)
     raise AssertionError(f"no kill point within 240 s:\n{log.read_text()[-3000:]}")
 
 
