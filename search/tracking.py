@@ -47,9 +47,10 @@ FAILURES_TAG = "adaptune.failures"  # times Ray retried the trial (FailureConfig
 STARTS_TAG = "adaptune.starts"  # times Ray started the trial: first start, retries, resumes
 LOST_TAG = "adaptune.lost_trial_id"  # on an adopted run: the Ray trial id it started under
 NODE_ID_TAG = "adaptune.node_id"  # the Ray node of the trial's latest result
+PID_TAG = "adaptune.pid"  # the process of the trial's latest result (Ray's worker)
 # result field -> child-run tag: where the trial ran (node_id from the trainable, the rest Ray's)
 _WHERE_TAGS = {"node_id": NODE_ID_TAG, "node_ip": "adaptune.node_ip",
-               "hostname": "adaptune.hostname", "pid": "adaptune.pid"}
+               "hostname": "adaptune.hostname", "pid": PID_TAG}
 ERROR_ARTIFACT = "error.txt"  # Ray's error file: every failure with its traceback
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Ray's bookkeeping values that are numbers but not measurements

@@ -28,6 +28,7 @@ from search.tracking import (
     ERROR_TAG,
     LOST_TAG,
     PARENT_TAG,
+    PID_TAG,
     STARTS_TAG,
     TRIAL_TAG,
     MlflowTrackingCallback,
@@ -320,7 +321,7 @@ def _wait_for_kill_point(client: MlflowClient, proc: subprocess.Popen[bytes], lo
 
     On a fast machine a task lasts less than `settle`, so a trial seen between tasks 1 and T for
     `pause` seconds is frozen there: SIGSTOP to its worker, named by the run's
-    ``adaptune.pid`` tag. Not at once: Tune registers a reported checkpoint only after a ``save``
+    ``PID_TAG``. Not at once: Tune registers a reported checkpoint only after a ``save``
     call on the trial's worker, which a stopped worker would never answer. The SIGKILL that
     follows reaches a stopped process as well."""
     settle, pause, deadline = 1.0, 0.5, time.monotonic() + 240
@@ -340,7 +341,7 @@ def _wait_for_kill_point(client: MlflowClient, proc: subprocess.Popen[bytes], lo
             since = seen.setdefault((run_id, r.info.status, task), now)
             settled = now - since >= settle
             between = r.info.status == "RUNNING" and 1 <= task < T
-            pid = r.data.tags.get("adaptune.pid")
+            pid = r.data.tags.get(PID_TAG)
             if not between:
                 between_since.pop(run_id, None)
                 if run_id in frozen:  # it got to the end before the stop
