@@ -701,18 +701,30 @@ def _remove_new_paths(paths: list[Path]) -> None:
 
 
 def local_cpu_count() -> int | None:
-    """CPUs for a local Ray cluster where this process may run on fewer than the machine has
+    """CPUs for a local Ray cluster where this process may run on fewer than Ray would count
     (``taskset``, a cpuset), else None (Ray counts them).
 
-    Ray counts the machine's CPUs (and cgroup quotas) but not the process's CPU affinity, so
-    ``taskset -c 0-3 adaptune search`` on a 64-core machine would schedule 64 one-CPU trials on
-    4 cores, and start as many idle workers as it counts CPUs, each polling a little.
+    Ray counts the machine's CPUs, or a container's cgroup CPU quota where one is smaller, but
+    not the process's CPU affinity, so ``taskset -c 0-3 adaptune search`` on a 64-core machine
+    would schedule 64 one-CPU trials on 4 cores, and start as many idle workers as it counts
+    CPUs, each polling a little. The smaller of the two counts wins: a container limited to 2
+    CPUs (``--cpus 2``) on a cpuset of 8 gets 2.
     """
     try:
         allowed = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return None
-    return allowed if allowed < (os.cpu_count() or allowed) else None
+    return allowed if allowed < _ray_cpu_count() else None
+
+
+def _ray_cpu_count() -> int:
+    """The CPUs ``ray.init()`` counts on this machine: the cgroup quota where one is set (Ray's
+    own helper, private in Ray 2.60), else the machine's."""
+    try:
+        from ray._private.utils import get_num_cpus
+    except ImportError:  # moved in another Ray: count the machine's
+        return os.cpu_count() or 1
+    return int(get_num_cpus(override_docker_cpu_warning=True))
 
 
 def _use_token_auth_if_available(address: str) -> None:

@@ -110,3 +110,24 @@ def test_a_local_cluster_gets_the_cpus_this_process_may_run_on(
     with pytest.raises(ConnectionError):
         run_search(exp, num_cpus=2)  # an explicit count wins
     assert seen[1]["num_cpus"] == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs Linux CPU affinity")
+def test_a_cgroup_quota_smaller_than_the_affinity_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A container run with `--cpus 2` on a cpuset of 8 CPUs of a 64-core machine: Ray's own
+    # count (the quota, 2) must stand, not the 8 CPUs of the affinity. The machine's facts are
+    # faked (this machine has none of them); the count comes from Ray's real helper.
+    import multiprocessing
+
+    import ray._private.utils as ray_utils
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(multiprocessing, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(ray_utils, "_get_docker_cpus", lambda *a, **k: 2.0)
+    assert ray_utils.get_num_cpus() == 2
+    assert local_cpu_count() is None  # Ray's count, 2, is the smaller: let Ray count
+    monkeypatch.setattr(ray_utils, "_get_docker_cpus", lambda *a, **k: 16.0)
+    assert local_cpu_count() == 8  # the affinity is the smaller
+    monkeypatch.setattr(ray_utils, "_get_docker_cpus", lambda *a, **k: None)
+    assert local_cpu_count() == 8  # no quota: 8 of the machine's 64
