@@ -66,9 +66,9 @@ def main() -> None:
         best = min(best, last["stream_loss"])
         print(f"| {value:.3g} | {last['stream_loss']:.4f} | {last['forgetting']:.4f} |", flush=True)
     print(f"\nnaive fine-tuning, best lr: stream_loss {best:.4f}")
-    from search.ui import resolve_tracking_uri
+    from search.stores import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(args.tracking_uri or exp.tracking.tracking_uri)
+    uri = resolve_tracking_uri(args.tracking_uri or exp.tracking.tracking_uri, create=False)
     name = exp.tracking.experiment_name or exp.name
     champ = champion_value(name, exp.search.metric, uri, args.champion_run_id)
     if champ is not None:

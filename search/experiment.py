@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from search.stores import DEFAULT_TRACKING_URI
 from spaces import check_space
 from trainables.config import (
     HYPERPARAMETERS,
@@ -51,7 +52,7 @@ class ResourcesConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    tracking_uri: str = "sqlite:///runs/mlflow.db"
+    tracking_uri: str = DEFAULT_TRACKING_URI
     experiment_name: str | None = None  # default: the experiment's name
     registered_model_name: str | None = None  # default: "adaptune-<name>"
 

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from search.experiment import Experiment, experiment_yaml, parse_experiment
-from search.ui import resolve_tracking_uri
+from search.stores import DEFAULT_TRACKING_URI, existing_store
 from spaces import Dist
 from spaces.tune import parse_space
 from trainables.config import HYPERPARAMETERS
@@ -39,7 +39,6 @@ TRIAL_TAG = "adaptune.trial_id"
 CHAMPION_TAG = "adaptune.champion_trial_id"  # set on the parent run by search.tuner
 KIND_TAG = "adaptune.kind"  # "search" on parent runs, "trial" on child runs
 EXPERIMENT_ARTIFACT = "experiment.yaml"  # the resolved experiment, logged on the parent run
-DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 
 
 @dataclass(frozen=True)
@@ -60,12 +59,7 @@ class Winner:
 def _client(tracking_uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
-    uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        if not db.is_file():  # MlflowClient would create an empty store here
-            raise ConfigError(f"--tracking-uri: no MLflow store at {db}; run a search first")
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=existing_store(tracking_uri))
 
 
 def _all_runs(client: Any, experiment_ids: list[str], filter_string: str) -> list[Any]:

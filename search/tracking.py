@@ -36,6 +36,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from search.stores import resolve_tracking_uri, sqlite_file
 from trainables.config import HYPERPARAMETERS
 from trainables.errors import TrainingDivergedError
 
@@ -55,29 +56,6 @@ ERROR_ARTIFACT = "error.txt"  # Ray's error file: every failure with its traceba
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Ray's bookkeeping values that are numbers but not measurements
 _SKIP = {"loss_matrix", "pid", "timestamp", "done", "should_checkpoint", "trial_id"}
-
-
-_SQLITE = "sqlite:///"
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///path`` tracking URI (as written, maybe relative);
-    None for other stores and for in-memory sqlite."""
-    if not uri.startswith(_SQLITE) or uri[len(_SQLITE) :] in ("", ":memory:"):
-        return None
-    return Path(uri[len(_SQLITE) :])
-
-
-def resolve_tracking_uri(uri: str, *, create: bool = True) -> str:
-    """Make a relative ``sqlite:///path`` absolute (against the cwd) and, with ``create``,
-    create its directory."""
-    path = sqlite_file(uri)
-    if path is None:
-        return uri
-    path = path if path.is_absolute() else Path.cwd() / path
-    if create:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    return f"{_SQLITE}{path}"
 
 
 def experiment_hash(yaml_text: str) -> str:

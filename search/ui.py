@@ -47,10 +47,10 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from search.stores import DEFAULT_TRACKING_URI, existing_store
 from trainables.errors import ConfigError
 
 # Tags written by search/tracking.py (not imported: that module pulls in Ray).
@@ -60,7 +60,6 @@ PARENT_TAG = "mlflow.parentRunId"
 SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
 # Shown beside the objective when the trials report them (see docs/metrics.md).
 HEADLINE_METRICS = ("stream_loss", "seen_loss", "new_task_loss", "forgetting")
-DEFAULT_STORE = "sqlite:///runs/mlflow.db"
 
 
 @dataclass(frozen=True)
@@ -74,14 +73,6 @@ class SearchView:
     parent_run_id: str | None
     params: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
-
-
-def resolve_tracking_uri(uri: str) -> str:
-    """Make a relative ``sqlite:///runs/mlflow.db`` absolute (against the working directory)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str((Path.cwd() / uri[len(prefix) :]).resolve())
-    return uri
 
 
 def _col(kind: str, key: str) -> str:
@@ -253,15 +244,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
         tracking_uri = tracking_uri or exp.tracking.tracking_uri
         experiment_name = exp.tracking.experiment_name or exp.name
         metric, mode = exp.search.metric, exp.search.mode
-    tracking_uri = resolve_tracking_uri(tracking_uri or DEFAULT_STORE)
+    tracking_uri = tracking_uri or DEFAULT_TRACKING_URI
     if tracking_uri.startswith(("http://", "https://", "databricks")):
         raise ConfigError(
             f"--tracking-uri: {tracking_uri} is already served by an MLflow server; open it there"
         )
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        if not db.is_file():
-            raise ConfigError(f"--tracking-uri: no MLflow store at {db}; run a search first")
+    tracking_uri = existing_store(tracking_uri)
     port = args.port if args.port else free_port(args.host)
     check_port(args.host, port)
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
@@ -332,7 +320,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                     help="experiment YAML: its store and experiment (default: the latest search "
                     "in runs/mlflow.db)")
     ui.add_argument("--tracking-uri", default=None,
-                    help=f"MLflow store (default: the experiment's, else {DEFAULT_STORE})")
+                    help=f"MLflow store (default: the experiment's, else {DEFAULT_TRACKING_URI})")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000; 0 = a free one)")
     ui.add_argument("--open", action="store_true", help="also open the URL in a browser")

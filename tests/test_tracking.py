@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search.experiment import experiment_yaml, parse_experiment
+from search.stores import existing_store
 from search.tracking import (
     HASH_TAG,
     PARENT_TAG,
@@ -21,6 +22,7 @@ from search.tracking import (
     resolve_tracking_uri,
 )
 from spaces.tune import build_param_space
+from trainables.errors import ConfigError
 
 TASKS = ["docs", "code", "unicode"]
 
@@ -101,6 +103,20 @@ def test_relative_sqlite_uri_is_resolved_against_cwd(tmp_path: Path, monkeypatch
     assert resolve_tracking_uri("sqlite:///a/b/mlflow.db") == f"sqlite:///{tmp_path}/a/b/mlflow.db"
     assert (tmp_path / "a" / "b").is_dir()
     assert resolve_tracking_uri("http://host:5000") == "http://host:5000"
+
+
+def test_commands_that_read_a_store_refuse_a_missing_sqlite_file(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # `adaptune ui` and `adaptune export` share this check: MlflowClient would otherwise
+    # create an empty store where the user mistyped a path.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^--tracking-uri: no MLflow store at .*runs/mlflow.db"):
+        existing_store("sqlite:///runs/mlflow.db")
+    assert not (tmp_path / "runs").exists()  # nothing created on the way
+    MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db").search_experiments()  # a real store
+    assert existing_store("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    assert existing_store("http://host:5000") == "http://host:5000"
 
 
 def test_parent_run_tags_params_and_yaml(tracked, db: Path, tmp_path: Path) -> None:
