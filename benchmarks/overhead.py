@@ -466,6 +466,143 @@ def side_by_side(tmp: Path, trials: int, overrides: list[str], rounds: int) -> l
     return out
 
 
+# ---- the floor: Ray's and Tune's own CPU while a trial computes nothing --------------------
+
+FLOOR_CLASSES = (  # (what the command line holds, the name in the table); first match wins
+    ("ray::ImplicitFunc", "trial worker"),
+    ("ray::IDLE", "idle workers"),
+    ("gcs_server", "GCS"),
+    ("raylet", "raylet"),
+    ("log_monitor.py", "log monitor"),
+    ("DashboardAgent", "dashboard agent"),
+    ("RuntimeEnvAgent", "runtime-env agent"),
+    ("dashboard.py", "dashboard head (API server)"),
+    ("monitor.py", "autoscaler monitor"),
+)
+
+
+def _floor_tune(marks: Path, seconds: float, storage: Path) -> None:
+    """Ray Tune alone (``overhead.py --floor-tune MARKS``): a local 1-CPU cluster started as
+    ``adaptune search`` starts one, and one function trial that sleeps ``seconds`` before each
+    of its 3 reports (appending the time of each to ``marks``)."""
+    import ray
+    from ray import tune
+
+    def sleeper(config: dict[str, Any]) -> None:
+        for i in range(3):
+            time.sleep(seconds)
+            with open(marks, "a") as f:
+                f.write(f"{time.time()}\n")
+            tune.report({"i": i})
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    tuner = tune.Tuner(
+        sleeper, run_config=tune.RunConfig(name="floor", storage_path=str(storage), verbose=0)
+    )
+    tuner.fit()
+
+
+class CpuSeries:
+    """Every process under a root, sampled once a second: (time, pid -> (class, CPU s))."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+
+    def _class(self, pid: int) -> str:
+        if pid == self.root:
+            return "driver"
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return "other"
+        return next((name for key, name in FLOOR_CLASSES if key in cmd), "other")
+
+    def sample(self) -> None:
+        table = proc_table()
+        now = time.time()
+        self.samples.append(
+            (now, {p: (self._class(p), table[p][1]) for p in process_tree(self.root, table)})
+        )
+
+    def share(self, start: float, end: float) -> dict[str, float]:
+        """Per class, CPU seconds between the samples nearest ``start`` and ``end`` over the
+        wall seconds between them, in % of one core; ``window_s`` that wall time."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        (t0, a), (t1, b) = inside[0], inside[-1]
+        out: dict[str, float] = {}
+        for pid, (cls, cpu) in b.items():
+            out[cls] = out.get(cls, 0.0) + cpu - (a[pid][1] if pid in a else 0.0)
+        return {k: 100 * v / (t1 - t0) for k, v in out.items()} | {"window_s": t1 - t0}
+
+
+def _run_sampled(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[CpuSeries, int]:
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        series = CpuSeries(proc.pid)
+        while proc.poll() is None:
+            series.sample()
+            time.sleep(1.0)
+    return series, proc.returncode
+
+
+def floor(tmp: Path, seconds: float, trials: int, overrides: list[str]) -> dict[str, Any]:
+    """Ray's and Tune's background CPU, each command pinned to one core: (1) Ray Tune alone
+    with a sleeping trial, Ray's defaults; (2) the same with the environment ``adaptune search``
+    gives a local cluster (``search.tuner.LOCAL_RAY_ENV``); (3) ``adaptune search`` itself with
+    ``trials`` quickstart trials, everything but the trial worker between the first trial's
+    start and the last one's end."""
+    from search.tuner import LOCAL_RAY_ENV
+
+    core = str(sorted(os.sched_getaffinity(0))[0])
+    base = {k: v for k, v in os.environ.items() if k not in LOCAL_RAY_ENV}
+    base |= {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out: dict[str, Any] = {}
+    for name, env in (("tune_defaults", base), ("tune_adaptune_env", base | LOCAL_RAY_ENV)):
+        marks = tmp / f"floor-{name}.marks"
+        marks.unlink(missing_ok=True)
+        cmd = ["taskset", "-c", core, sys.executable, str(Path(__file__).resolve())]
+        cmd += ["--floor-tune", str(marks), "--floor-seconds", str(seconds)]
+        series, rc = _run_sampled(cmd, tmp / f"floor-{name}.log", env)
+        if rc != 0:
+            raise SystemExit(f"the Tune floor run failed (rc {rc}); see {tmp}/floor-{name}.log")
+        times = [float(t) for t in marks.read_text().split()]
+        out[name] = series.share(times[0] + 1, times[-1] - 1)  # the trial between reports
+    name = "overhead-floor"
+    sets = [f"search.num_samples={trials}", "search.max_concurrent=1", *overrides]
+    cmd = ["taskset", "-c", core, *search_command(name, tmp, sets)]
+    series, rc = _run_sampled(cmd, tmp / f"{name}.log", base)
+    if rc != 0:
+        raise SystemExit(f"adaptune search failed (rc {rc}); see {tmp}/{name}.log")
+    runs = child_runs(f"sqlite:///{tmp / 'mlflow.db'}", name)
+    start = min(r.info.start_time for r in runs) / 1000
+    end = max(r.info.end_time for r in runs) / 1000
+    out["adaptune_search"] = series.share(start + 1, end - 1)
+    return out
+
+
+def print_floor(f: dict[str, Any]) -> None:
+    cols = ("tune_defaults", "tune_adaptune_env", "adaptune_search")
+    names = [n for _, n in FLOOR_CLASSES if n != "trial worker"] + ["driver", "other"]
+    print(
+        "\n## The floor: CPU of each process, % of the one core, while the trial runs\n\n"
+        "| process | Ray Tune alone, sleeping trial, Ray's defaults | the same, adaptune's "
+        "local-cluster environment | adaptune search, quickstart trials |\n|---|---|---|---|"
+    )
+    for n in ["driver", *[x for x in names if x != "driver"]]:
+        if any(f[c].get(n, 0.0) >= 0.005 for c in cols):
+            print(f"| {n} | " + " | ".join(f"{f[c].get(n, 0.0):.2f} %" for c in cols) + " |")
+    skip = ("trial worker", "window_s")
+    rest = [sum(v for k, v in f[c].items() if k not in skip) for c in cols]
+    print("| **all but the trial worker** | " + " | ".join(f"**{r:.2f} %**" for r in rest) + " |")
+    print(
+        "| the sleeping trial's worker | "
+        + " | ".join(f"{f[c].get('trial worker', 0.0):.2f} %" for c in cols[:2])
+        + " | (computing) |"
+    )
+    print("| window | " + " | ".join(f"{f[c]['window_s']:.0f} s" for c in cols) + " |")
+
+
 # ---- where the trial runs: a plain process's main thread, a thread, a Ray actor's thread -------
 
 _WHERE = r"""
@@ -666,9 +803,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep logs, Ray results and MLflow here")
     parser.add_argument(
         "--only",
-        choices=["side-by-side", "one-at-a-time", "wall", "memory", "startup", "where"],
+        choices=["side-by-side", "one-at-a-time", "wall", "memory", "startup", "where", "floor"],
         help="run one part (one-at-a-time: 2 CPUs per trial, in turns; wall: two at once, in "
-        "turns; startup: its steps)",
+        "turns; startup: its steps; floor: Ray's and Tune's own CPU while a trial runs)",
     )
     parser.add_argument(
         "--side-trials",
@@ -681,12 +818,19 @@ def main() -> None:
         type=int,
         help="training tokens per task in the side-by-side figure (default: the quickstart's)",
     )
+    parser.add_argument(
+        "--floor-seconds", type=float, default=30.0, help="the floor's sleeping trial: s per report"
+    )
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-tune", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain is not None:
         plain(args.plain, args.workers, args.threads)
+        return
+    if args.floor_tune is not None:
+        _floor_tune(args.floor_tune, args.floor_seconds, args.floor_tune.parent / "floor-ray")
         return
     trials, short = args.trials, args.short_trials
     overrides = list(args.set)
@@ -715,6 +859,10 @@ def main() -> None:
                 tmp, one_trials, sets, args.rounds, workers=1, threads=2, tag="one"
             )
             print_wall(parts["one_at_a_time"], "one at a time, 2 CPUs (2 threads) each")
+        if args.only in (None, "floor"):
+            floor_trials, floor_s = (1, 5.0) if args.quick else (2, args.floor_seconds)
+            parts["floor"] = floor(tmp, floor_s, floor_trials, overrides)
+            print_floor(parts["floor"])
         if args.only in (None, "where"):
             parts["where"] = where_check(tmp, 1)
             print_where(parts["where"])
