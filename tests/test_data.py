@@ -227,3 +227,27 @@ def test_only_blank_rows(tmp_path: Path, tok: Any) -> None:
     pd.DataFrame({"text": ["  ", "\n"]}).to_csv(path, index=False)
     with pytest.raises(ConfigError, match=r"run\.stream\.tasks\.0: the domain has no non-empty"):
         build_stream(stream([_files_task([str(path)])]), tok)
+
+
+def test_python_source_reads_the_stdlib_without_its_tests_or_site_packages() -> None:
+    # The built-in code domain walks the stdlib pruning the skipped trees; its documents must
+    # stay those of every *.py under the stdlib outside them, in path order (the stream of an
+    # existing experiment must not change).
+    import sysconfig
+
+    from trainables.data import _python_source
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+    expected = []
+    for path in sorted(root.rglob("*.py")):
+        if skip.intersection(path.relative_to(root).parts):
+            continue
+        try:
+            expected.append(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    docs = list(_python_source())
+    assert len(docs) > 300
+    assert docs == expected
+    assert (root / "os.py").read_text(encoding="utf-8") in docs

@@ -12,7 +12,13 @@ import pytest
 import ray
 
 from search.experiment import Experiment, parse_experiment
-from search.tuner import _new_sqlite_paths, local_cpu_count, preload_modules, run_search
+from search.tuner import (
+    LOCAL_RAY_ENV,
+    _new_sqlite_paths,
+    local_cpu_count,
+    preload_modules,
+    run_search,
+)
 
 SMALL = {
     "name": "startup",
@@ -131,3 +137,30 @@ def test_a_cgroup_quota_smaller_than_the_affinity_is_kept(monkeypatch: pytest.Mo
     assert local_cpu_count() == 8  # the affinity is the smaller
     monkeypatch.setattr(ray_utils, "_get_docker_cpus", lambda *a, **k: None)
     assert local_cpu_count() == 8  # no quota: 8 of the machine's 64
+
+
+def test_a_local_cluster_gets_adaptunes_environment_unless_the_user_set_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ray.init starts the local cluster's processes with the driver's environment: what
+    # LOCAL_RAY_ENV holds must be there when it is called, and a value the user exported wins.
+    # ray.init is stopped after the environment is seen.
+    exp = small_experiment(tmp_path, tmp_path / "mlflow.db")
+    seen: list[dict[str, str | None]] = []
+
+    def record(**kwargs: object) -> None:
+        seen.append({k: os.environ.get(k) for k in LOCAL_RAY_ENV})
+        raise ConnectionError("stop here")
+
+    monkeypatch.setattr(ray, "init", record)
+    for key in LOCAL_RAY_ENV:
+        monkeypatch.setenv(key, "")  # restored (absent) at teardown
+        monkeypatch.delenv(key)
+    with pytest.raises(ConnectionError):
+        run_search(exp)
+    assert seen[0] == LOCAL_RAY_ENV
+    for key in LOCAL_RAY_ENV:
+        monkeypatch.setenv(key, "1000")
+    with pytest.raises(ConnectionError):
+        run_search(exp)
+    assert seen[1] == dict.fromkeys(LOCAL_RAY_ENV, "1000")

@@ -8,6 +8,7 @@ samples many places of a domain rather than one long file.
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import sysconfig
@@ -58,9 +59,13 @@ def _python_source() -> Iterator[str]:
     """The standard library's own source files (tests and site-packages left out)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
-    files = sorted(
-        p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)
-    )
+    files = []
+    # os.walk leaves the skipped trees unvisited (the interpreter's site-packages and tests
+    # hold 20x the files kept); the same files as rglob("*.py") less those, in Path order
+    for top, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]
+        files.extend(Path(top, n) for n in names if n.endswith(".py"))
+    files.sort()
     for path in files:
         try:
             yield path.read_text(encoding="utf-8")
