@@ -1,7 +1,7 @@
 """Orchestration overhead: `adaptune search` against the same trials as plain function calls.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/overhead.py [--only side-by-side|one-at-a-time|
-        where|wall|memory|startup] [--rounds 2] [--trials 12] [--side-trials 10]
+        where|wall|memory|startup|floor] [--rounds 2] [--trials 12] [--side-trials 10]
         [--short-trials 100] [--json FILE]
 
 1. Side by side (``--only side-by-side``). ``adaptune search experiments/quickstart.yaml``
@@ -37,7 +37,14 @@
    against the number of trials started; growth per trial is the slope of a least-squares line
    over the samples after the 10th trial (read from ``/proc/PID/status``: Linux only).
 
-``--quick`` runs 2 short trials for parts 1 to 3 and 10 for part 6 (a smoke test).
+7. The floor (``--only floor``): the CPU of each process but the trial worker, in % of the
+   one core they share (``taskset``), while a trial runs: Ray Tune alone with a function trial
+   that only sleeps, first with Ray's defaults and then with the environment ``adaptune search``
+   gives a local cluster (``search.tuner.LOCAL_RAY_ENV``), then ``adaptune search`` itself with
+   2 quickstart trials (from the first trial's start to the last one's end).
+
+``--quick`` runs 2 short trials for parts 1 to 3, 10 for part 6 and shorter runs for part 7 (a
+smoke test).
 """
 
 from __future__ import annotations
