@@ -166,3 +166,20 @@ def test_console_script_flushes_all_output_before_its_fast_exit(tmp_path: Path) 
     assert lines[0].startswith("adaptune search small (dry run")
     assert lines[-1].startswith("mlflow:     sqlite:///") and "@champion" in lines[-1]
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_command_line_loads_torch_ray_and_mlflow_only_for_the_commands_that_need_them() -> None:
+    # `adaptune --help`, and `adaptune ui` / `export` up to their store checks, must not pay
+    # for torch and transformers (seconds of imports); `prepare` still loads them when used.
+    heavy = ("torch", "transformers", "ray", "mlflow")
+    code = (
+        "import sys, search.cli; "
+        f"print([m for m in {heavy!r} if m in sys.modules]); "
+        "from trainables import prepare; "
+        "print(prepare.__module__, 'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.splitlines() == ["[]", "trainables.run True"]
+    assert subprocess.run([*ADAPTUNE, "--help"], capture_output=True, timeout=300).returncode == 0
