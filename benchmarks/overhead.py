@@ -81,12 +81,20 @@ def search_command(name: str, tmp: Path, overrides: list[str]) -> list[str]:
     return cmd
 
 
-def run_timed(cmd: list[str], log: Path, sample: Any = None) -> tuple[float, float, int]:
-    """Run ``cmd`` (output to ``log``); returns (launch epoch s, wall s, return code).
+def run_timed(
+    cmd: list[str],
+    log: Path,
+    sample: Any = None,
+    env: dict[str, str] | None = None,
+    every: float = 0.2,
+) -> tuple[float, float, int]:
+    """Run ``cmd`` (output to ``log``; environment ``env``, default this one's, offline);
+    returns (launch epoch s, wall s, return code).
 
-    ``sample(pid)`` is called every 0.2 s while it runs.
+    ``sample(pid)`` is called every ``every`` seconds while it runs.
     """
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if env is None:
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with log.open("w") as out:
         launch = time.time()
         start = time.perf_counter()
@@ -94,7 +102,7 @@ def run_timed(cmd: list[str], log: Path, sample: Any = None) -> tuple[float, flo
         while proc.poll() is None:
             if sample is not None:
                 sample(proc.pid)
-            time.sleep(0.2)
+            time.sleep(every)
         return launch, time.perf_counter() - start, proc.returncode
 
 
@@ -510,10 +518,11 @@ def _floor_tune(marks: Path, seconds: float, storage: Path) -> None:
 
 
 class CpuSeries:
-    """Every process under a root, sampled once a second: (time, pid -> (class, CPU s))."""
+    """Every process under a command's (the root's), each time :meth:`sample` is called:
+    (time, pid -> (class, CPU s))."""
 
-    def __init__(self, root: int) -> None:
-        self.root = root
+    def __init__(self) -> None:
+        self.root: int | None = None
         self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
 
     def _class(self, pid: int) -> str:
@@ -525,7 +534,8 @@ class CpuSeries:
             return "other"
         return next((name for key, name in FLOOR_CLASSES if key in cmd), "other")
 
-    def sample(self) -> None:
+    def sample(self, root: int) -> None:
+        self.root = root
         table = proc_table()
         now = time.time()
         self.samples.append(
@@ -544,13 +554,9 @@ class CpuSeries:
 
 
 def _run_sampled(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[CpuSeries, int]:
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-        series = CpuSeries(proc.pid)
-        while proc.poll() is None:
-            series.sample()
-            time.sleep(1.0)
-    return series, proc.returncode
+    series = CpuSeries()
+    _, _, rc = run_timed(cmd, log, series.sample, env=env, every=1.0)
+    return series, rc
 
 
 def floor(tmp: Path, seconds: float, trials: int, overrides: list[str]) -> dict[str, Any]:
@@ -590,13 +596,13 @@ def floor(tmp: Path, seconds: float, trials: int, overrides: list[str]) -> dict[
 
 def print_floor(f: dict[str, Any]) -> None:
     cols = ("tune_defaults", "tune_adaptune_env", "adaptune_search")
-    names = [n for _, n in FLOOR_CLASSES if n != "trial worker"] + ["driver", "other"]
+    rows = ["driver", *(n for _, n in FLOOR_CLASSES if n != "trial worker"), "other"]
     print(
         "\n## The floor: CPU of each process, % of the one core, while the trial runs\n\n"
         "| process | Ray Tune alone, sleeping trial, Ray's defaults | the same, adaptune's "
         "local-cluster environment | adaptune search, quickstart trials |\n|---|---|---|---|"
     )
-    for n in ["driver", *[x for x in names if x != "driver"]]:
+    for n in rows:
         if any(f[c].get(n, 0.0) >= 0.005 for c in cols):
             print(f"| {n} | " + " | ".join(f"{f[c].get(n, 0.0):.2f} %" for c in cols) + " |")
     skip = ("trial worker", "window_s")

@@ -34,11 +34,11 @@ def resolve_tracking_uri(uri: str, *, create: bool = True) -> str:
     return f"{_SQLITE}{path}"
 
 
-def existing_store(uri: str, field: str = "--tracking-uri") -> str:
+def existing_store(uri: str) -> str:
     """``uri`` resolved, for commands that read a store: a sqlite file that is not there is a
     :class:`ConfigError` (``MlflowClient`` would create an empty store in its place)."""
     resolved = resolve_tracking_uri(uri, create=False)
     db = sqlite_file(resolved)
     if db is not None and not db.is_file():
-        raise ConfigError(f"{field}: no MLflow store at {db}; run a search first")
+        raise ConfigError(f"--tracking-uri: no MLflow store at {db}; run a search first")
     return resolved
