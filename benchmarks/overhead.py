@@ -40,7 +40,8 @@
 7. The floor (``--only floor``): the CPU of each process but the trial worker, in % of the
    one core they share (``taskset``), while a trial runs: Ray Tune alone with a function trial
    that only sleeps, first with Ray's defaults and then with the environment ``adaptune search``
-   gives a local cluster (``search.tuner.LOCAL_RAY_ENV``), then ``adaptune search`` itself with
+   gives a local cluster (``search.tuner.LOCAL_RAY_ENV``) and Tune's controller waiting for
+   events as in ``adaptune search`` (``search.tune_loop``), then ``adaptune search`` itself with
    2 quickstart trials (from the first trial's start to the last one's end).
 
 ``--quick`` runs 2 short trials for parts 1 to 3, 10 for part 6 and shorter runs for part 7 (a
@@ -496,12 +497,17 @@ FLOOR_CLASSES = (  # (what the command line holds, the name in the table); first
 )
 
 
-def _floor_tune(marks: Path, seconds: float, storage: Path) -> None:
+def _floor_tune(marks: Path, seconds: float, storage: Path, patient: bool = False) -> None:
     """Ray Tune alone (``overhead.py --floor-tune MARKS``): a local 1-CPU cluster started as
     ``adaptune search`` starts one, and one function trial that sleeps ``seconds`` before each
-    of its 3 reports (appending the time of each to ``marks``)."""
+    of its 3 reports (appending the time of each to ``marks``); ``patient``: Tune's controller
+    waits for events as in ``adaptune search`` (:func:`search.tune_loop.patient_controller`)."""
+    import contextlib
+
     import ray
     from ray import tune
+
+    from search.tune_loop import patient_controller
 
     def sleeper(config: dict[str, Any]) -> None:
         for i in range(3):
@@ -514,7 +520,8 @@ def _floor_tune(marks: Path, seconds: float, storage: Path) -> None:
     tuner = tune.Tuner(
         sleeper, run_config=tune.RunConfig(name="floor", storage_path=str(storage), verbose=0)
     )
-    tuner.fit()
+    with patient_controller() if patient else contextlib.nullcontext():
+        tuner.fit()
 
 
 class CpuSeries:
@@ -562,7 +569,8 @@ def _run_sampled(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[CpuSer
 def floor(tmp: Path, seconds: float, trials: int, overrides: list[str]) -> dict[str, Any]:
     """Ray's and Tune's background CPU, each command pinned to one core: (1) Ray Tune alone
     with a sleeping trial, Ray's defaults; (2) the same with the environment ``adaptune search``
-    gives a local cluster (``search.tuner.LOCAL_RAY_ENV``); (3) ``adaptune search`` itself with
+    gives a local cluster (``search.tuner.LOCAL_RAY_ENV``) and its patient controller loop
+    (``search.tune_loop``); (3) ``adaptune search`` itself with
     ``trials`` quickstart trials, everything but the trial worker between the first trial's
     start and the last one's end."""
     from search.tuner import LOCAL_RAY_ENV
@@ -571,11 +579,15 @@ def floor(tmp: Path, seconds: float, trials: int, overrides: list[str]) -> dict[
     base = {k: v for k, v in os.environ.items() if k not in LOCAL_RAY_ENV}
     base |= {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out: dict[str, Any] = {}
-    for name, env in (("tune_defaults", base), ("tune_adaptune_env", base | LOCAL_RAY_ENV)):
+    variants = (
+        ("tune_defaults", base, []),
+        ("tune_adaptune_env", base | LOCAL_RAY_ENV, ["--floor-patient"]),
+    )
+    for name, env, extra in variants:
         marks = tmp / f"floor-{name}.marks"
         marks.unlink(missing_ok=True)
         cmd = ["taskset", "-c", core, sys.executable, str(Path(__file__).resolve())]
-        cmd += ["--floor-tune", str(marks), "--floor-seconds", str(seconds)]
+        cmd += ["--floor-tune", str(marks), "--floor-seconds", str(seconds), *extra]
         series, rc = _run_sampled(cmd, tmp / f"floor-{name}.log", env)
         if rc != 0:
             raise SystemExit(f"the Tune floor run failed (rc {rc}); see {tmp}/floor-{name}.log")
@@ -600,7 +612,8 @@ def print_floor(f: dict[str, Any]) -> None:
     print(
         "\n## The floor: CPU of each process, % of the one core, while the trial runs\n\n"
         "| process | Ray Tune alone, sleeping trial, Ray's defaults | the same, adaptune's "
-        "local-cluster environment | adaptune search, quickstart trials |\n|---|---|---|---|"
+        "local-cluster environment and controller wait | adaptune search, quickstart trials "
+        "|\n|---|---|---|---|"
     )
     for n in rows:
         if any(f[c].get(n, 0.0) >= 0.005 for c in cols):
@@ -836,6 +849,7 @@ def main() -> None:
     )
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--floor-tune", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-patient", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -843,7 +857,12 @@ def main() -> None:
         plain(args.plain, args.workers, args.threads)
         return
     if args.floor_tune is not None:
-        _floor_tune(args.floor_tune, args.floor_seconds, args.floor_tune.parent / "floor-ray")
+        _floor_tune(
+            args.floor_tune,
+            args.floor_seconds,
+            args.floor_tune.parent / "floor-ray",
+            patient=args.floor_patient,
+        )
         return
     trials, short = args.trials, args.short_trials
     overrides = list(args.set)

@@ -37,6 +37,7 @@ from search.tracking import (
     searched_params,
     sqlite_file,
 )
+from search.tune_loop import patient_controller
 from spaces import Dist
 from spaces.tune import build_param_space, parse_space
 from trainables.config import HYPERPARAMETERS, RunConfig, format_validation_error
@@ -700,12 +701,21 @@ def _remove_new_paths(paths: list[Path]) -> None:
                 path.unlink()
 
 
-# The environment of a local cluster's processes, set where the user has not. Ray's log monitor
-# looks for new log files on every pass, ten times a second, while a node has fewer than 1,000
-# of them; with the threshold at 0 it looks every 0.5 s (LOG_NAME_UPDATE_INTERVAL_S) and still
-# reads the files it has ten times a second: a new worker's first lines reach the console up to
-# 0.5 s later, for about 0.6 % of a core less (`benchmarks/overhead.py --only floor`).
-LOCAL_RAY_ENV = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0"}
+# The environment of a local cluster's processes, set where the user has not (each a Ray
+# setting read from its RAY_ variable; a Ray that lacks one ignores it). Ray's log monitor looks
+# for new log files on every pass, ten times a second, while a node has fewer than 1,000 of them;
+# with the threshold at 0 it looks every 0.5 s (LOG_NAME_UPDATE_INTERVAL_S) and still reads the
+# files it has ten times a second: a new worker's first lines reach the console up to 0.5 s
+# later, for about 0.6 % of a core less. Three of the raylet's 100-200 ms timers run once a
+# second: the object manager's (pulls and pushes between nodes: a local cluster has one node),
+# the idle-worker reaper (idle workers live up to 1 s longer) and the plasma-store GC check;
+# about 0.3 % of a core less (`benchmarks/overhead.py --only floor`).
+LOCAL_RAY_ENV = {
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "RAY_object_manager_timer_freq_ms": "1000",
+    "RAY_kill_idle_workers_interval_ms": "1000",
+    "RAY_raylet_check_gc_period_milliseconds": "1000",
+}
 
 
 def local_cpu_count() -> int | None:
@@ -888,7 +898,8 @@ def run_search(
     # mostly while fit() waits for the first trials' workers to start (they import torch)
     preload = _preload_thread(_NEEDED_AFTER_TRIALS, exp)
     try:
-        results = tuner.fit()
+        with patient_controller():  # Tune's loop waits for events, not 10 times a second
+            results = tuner.fit()
         preload.join()
     except BaseException:
         callback.end_parent("FAILED")
