@@ -709,12 +709,17 @@ def _remove_new_paths(paths: list[Path]) -> None:
 # later, for about 0.6 % of a core less. Three of the raylet's 100-200 ms timers run once a
 # second: the object manager's (pulls and pushes between nodes: a local cluster has one node),
 # the idle-worker reaper (idle workers live up to 1 s longer) and the plasma-store GC check;
-# about 0.3 % of a core less (`benchmarks/overhead.py --only floor`).
+# about 0.3 % of a core less (`benchmarks/overhead.py --only floor`). Ray starts its workers at
+# nice 15 so that its own processes and the user's stay responsive beside them; a search's
+# workers run its trials, which then lose the core to every wake-up of Ray's processes on it
+# (15-18 % more context switches in a trial, 1-3 % slower trials, docs/benchmarks.md), while a
+# plain training script runs at nice 0: so do trials here (RAY_worker_niceness=15 restores Ray's).
 LOCAL_RAY_ENV = {
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     "RAY_object_manager_timer_freq_ms": "1000",
     "RAY_kill_idle_workers_interval_ms": "1000",
     "RAY_raylet_check_gc_period_milliseconds": "1000",
+    "RAY_worker_niceness": "0",
 }
 
 

@@ -1,6 +1,7 @@
 """Tune's controller loop waits for events (search.tune_loop) instead of polling at 10 Hz.
 
-The real Ray Tune runs the same sleeping trial twice on a local 1-CPU cluster, with Tune's own
+The real Ray Tune runs the same sleeping trial twice on a local 1-CPU cluster started with the
+environment ``adaptune search`` gives one (``search.tuner.LOCAL_RAY_ENV``), with Tune's own
 wait and with adaptune's; a callback counts the controller's steps. If Ray moves or renames the
 wait that ``patient_controller`` replaces, both runs take as many steps and the test fails.
 """
@@ -18,6 +19,7 @@ from ray import tune
 from ray.air.execution._internal.actor_manager import RayActorManager
 
 from search.tune_loop import EVENT_WAIT_S, TUNE_STEP_WAIT_S, patient_controller
+from search.tuner import LOCAL_RAY_ENV
 
 SLEEP_S = 3.0
 
@@ -32,7 +34,10 @@ class StepCounter(tune.Callback):
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in LOCAL_RAY_ENV.items():  # as run_search starts a local cluster
+            mp.setenv(key, value)
+        ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
@@ -41,8 +46,10 @@ def fit_counting_steps(storage: Path, name: str) -> tuple[int, Any]:
     sleep_s = SLEEP_S
 
     def sleeper(config: dict[str, Any]) -> None:  # a closure: Ray pickles it by value
+        import os
+
         time.sleep(sleep_s)
-        tune.report({"value": 1.0})
+        tune.report({"value": 1.0, "niceness": os.nice(0)})
 
     counter = StepCounter()
     tuner = tune.Tuner(
@@ -64,6 +71,8 @@ def test_the_controller_takes_a_step_per_event_not_ten_a_second(
         assert patched
         steps, results = fit_counting_steps(tmp_path, "adaptune-wait")
     assert results[0].metrics["value"] == 1.0  # the trial's result still arrives
+    # the trial ran at the priority of a plain training script, not Ray's nice 15
+    assert results[0].metrics["niceness"] == 0
     # Tune's own wait: at least one step per 0.1 s while the trial sleeps
     assert tune_steps >= SLEEP_S / TUNE_STEP_WAIT_S / 2
     # adaptune's: the events (placement group, actor start, result, stop) plus one step per
