@@ -1,6 +1,6 @@
 """Tune's controller loop, made to wait for events instead of polling ten times a second.
 
-Ray Tune's ``TuneController.step`` (Ray 2.49-2.60) waits at most 0.1 s for the next event
+Ray Tune's ``TuneController.step`` (read in Ray 2.60) waits at most 0.1 s for the next event
 (``self._actor_manager.next(timeout=0.1)``, a literal in its source, no setting) and then runs
 its whole step again: the searcher and scheduler checks, the experiment-snapshot clock, the
 callbacks' ``on_step_begin``/``on_step_end``. While trials compute, nothing happens in most of

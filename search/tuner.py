@@ -712,8 +712,9 @@ def _remove_new_paths(paths: list[Path]) -> None:
 # about 0.3 % of a core less (`benchmarks/overhead.py --only floor`). Ray starts its workers at
 # nice 15 so that its own processes and the user's stay responsive beside them; a search's
 # workers run its trials, which then lose the core to every wake-up of Ray's processes on it
-# (15-18 % more context switches in a trial, 1-3 % slower trials, docs/benchmarks.md), while a
-# plain training script runs at nice 0: so do trials here (RAY_worker_niceness=15 restores Ray's).
+# (the same trial 1.06-1.08x the plain call's time before, 1.01-1.02x after: docs/benchmarks.md,
+# section 2), while a plain training script runs at nice 0: so do trials here
+# (RAY_worker_niceness=15 restores Ray's).
 LOCAL_RAY_ENV = {
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     "RAY_object_manager_timer_freq_ms": "1000",
