@@ -12,8 +12,8 @@ import argparse
 import time
 from typing import Any
 
-from search.experiment import apply_overrides, parse_experiment, read_yaml
-from trainables import prepare, run_stream
+from adaptune.search.experiment import apply_overrides, parse_experiment, read_yaml
+from adaptune.trainables import prepare, run_stream
 
 VARIANTS: dict[str, list[str]] = {
     "naive": [],

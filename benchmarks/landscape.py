@@ -111,14 +111,14 @@ _PREP: Any = None
 
 def _init_worker(base: dict[str, Any]) -> None:
     global _PREP
-    from trainables import parse_run_config, prepare
+    from adaptune.trainables import parse_run_config, prepare
 
     _PREP = prepare(parse_run_config(base))
 
 
 def _run_one(job: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
-    from trainables import parse_run_config, run_stream
-    from trainables.run import Prepared
+    from adaptune.trainables import parse_run_config, run_stream
+    from adaptune.trainables.run import Prepared
 
     base, params = job
     cfg = parse_run_config(with_params(base, params))

@@ -14,9 +14,9 @@ import argparse
 import math
 from typing import Any
 
-from search.experiment import apply_overrides, parse_experiment, read_yaml
-from spaces import Dist
-from trainables import prepare, run_stream
+from adaptune.search.experiment import apply_overrides, parse_experiment, read_yaml
+from adaptune.spaces import Dist
+from adaptune.trainables import prepare, run_stream
 
 
 def champion_value(exp_name: str, metric: str, tracking_uri: str, run_id: str | None) -> Any:
@@ -66,7 +66,7 @@ def main() -> None:
         best = min(best, last["stream_loss"])
         print(f"| {value:.3g} | {last['stream_loss']:.4f} | {last['forgetting']:.4f} |", flush=True)
     print(f"\nnaive fine-tuning, best lr: stream_loss {best:.4f}")
-    from search.stores import resolve_tracking_uri
+    from adaptune.search.stores import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri or exp.tracking.tracking_uri, create=False)
     name = exp.tracking.experiment_name or exp.name

@@ -132,7 +132,7 @@ def child_runs(tracking_uri: str, name: str) -> list[Any]:
 def _plain_one(config: dict[str, Any], threads: int = 1) -> tuple[float, float, float]:
     """(start, after the imports, end) of one trial as a plain call, epoch seconds."""
     begin = time.time()
-    from trainables import parse_run_config, prepare, run_stream  # once per worker process
+    from adaptune.trainables import parse_run_config, prepare, run_stream  # once per worker process
 
     imported = time.time()
     cfg = parse_run_config(config)
@@ -402,7 +402,7 @@ def discover_configs(tmp: Path, trials: int, overrides: list[str]) -> list[dict[
     """The trials a search of ``trials`` <= 10 proposes: they are TPE's seeded random start-up
     trials, the same whatever the trials score, so a search of tiny trials (1k tokens per
     task) finds them in a minute; their task length is then set back to the real one."""
-    from search.experiment import load_experiment
+    from adaptune.search.experiment import load_experiment
 
     name = "overhead-discover"
     real = load_experiment(EXPERIMENT, overrides).run.stream.max_train_tokens
@@ -505,9 +505,8 @@ def _floor_tune(marks: Path, seconds: float, storage: Path, patient: bool = Fals
     import contextlib
 
     import ray
+    from adaptune.search.tune_loop import patient_controller
     from ray import tune
-
-    from search.tune_loop import patient_controller
 
     def sleeper(config: dict[str, Any]) -> None:
         for i in range(3):
@@ -573,7 +572,7 @@ def floor(tmp: Path, seconds: float, trials: int, overrides: list[str]) -> dict[
     (``search.tune_loop``); (3) ``adaptune search`` itself with
     ``trials`` quickstart trials, everything but the trial worker between the first trial's
     start and the last one's end."""
-    from search.tuner import LOCAL_RAY_ENV
+    from adaptune.search.tuner import LOCAL_RAY_ENV
 
     core = str(sorted(os.sched_getaffinity(0))[0])
     base = {k: v for k, v in os.environ.items() if k not in LOCAL_RAY_ENV}
@@ -637,7 +636,7 @@ sys.path.insert(0, sys.argv[3])
 configs = json.load(open(sys.argv[2]))
 
 def go():
-    from trainables import parse_run_config, prepare, run_stream
+    from adaptune.trainables import parse_run_config, prepare, run_stream
     for c in configs:
         run_stream(prepare(parse_run_config(c)), report=lambda m, c: None, threads=1)
 
@@ -663,7 +662,7 @@ def where_check(tmp: Path, trials: int) -> list[dict[str, Any]]:
     core, in a thread (as Tune's function runner runs a trainable) or in a Ray actor's thread;
     each pair twice, the cores swapped. User and system CPU time and context switches of the
     processes (a Ray actor's: its worker's) come from ``/proc``."""
-    from search.experiment import load_experiment
+    from adaptune.search.experiment import load_experiment
 
     configs = [load_experiment(EXPERIMENT).run.model_dump(mode="json")] * trials
     configs_file = tmp / "where.json"
@@ -919,11 +918,11 @@ def startup_steps(tmp: Path) -> None:
         laps.append((step, now - t))
         t = now
 
-    import search.cli  # noqa: F401  (what the `adaptune` entry point imports)
+    import adaptune.search.cli  # noqa: F401  (what the `adaptune` entry point imports)
 
     lap("import the CLI (search, pydantic, yaml)")
-    from search.experiment import load_experiment
-    from search.tuner import check_search
+    from adaptune.search.experiment import load_experiment
+    from adaptune.search.tuner import check_search
 
     exp = load_experiment(
         EXPERIMENT,
@@ -931,7 +930,7 @@ def startup_steps(tmp: Path) -> None:
     )
     check_search(exp)
     lap("load and check the experiment")
-    from trainables.run import prepare
+    from adaptune.trainables.run import prepare
 
     prepare(exp.run)
     lap("prepare: tokenizer, model check, tokenize the stream")

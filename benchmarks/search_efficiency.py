@@ -80,7 +80,7 @@ def key_of(params: dict[str, Any], names: list[str]) -> str:
 
 def experiment_for(landscape: dict[str, Any], data: Path, scheduler: str, metric: str) -> Any:
     """The landscape's run as an adaptune Experiment whose space is ``choice`` over the grid."""
-    from search.experiment import parse_experiment
+    from adaptune.search.experiment import parse_experiment
 
     run = json.loads(json.dumps(landscape["meta"]["base_run"]))
     for task in run["stream"]["tasks"]:
@@ -160,13 +160,12 @@ def run_search(
 ) -> dict[str, Any]:
     """One search until ``budget_tokens`` are spent; returns its trajectory."""
     import optuna
+    from adaptune.search.searcher import ContinualOptunaSearch
+    from adaptune.search.tuner import build_scheduler
+    from adaptune.spaces.tune import build_param_space
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
-
-    from search.searcher import ContinualOptunaSearch
-    from search.tuner import build_scheduler
-    from spaces.tune import build_param_space
 
     sampler_name, scheduler, told = VARIANTS[variant]
     exp = experiment_for(landscape, data, scheduler, metric)

@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from search.experiment import load_experiment
-from trainables import parse_run_config, prepare, run_stream
-from trainables.components.ewc import next_token_loss
-from trainables.model import build_model
+from adaptune.search.experiment import load_experiment
+from adaptune.trainables import parse_run_config, prepare, run_stream
+from adaptune.trainables.components.ewc import next_token_loss
+from adaptune.trainables.model import build_model
 
 SHAPES = {
     # the quickstart model

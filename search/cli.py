@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from search import ui
-from trainables.errors import ConfigError, TrainingDivergedError
+from adaptune.search import ui
+from adaptune.trainables.errors import ConfigError, TrainingDivergedError
 
 EXIT_USAGE = 2
 
@@ -51,8 +51,8 @@ def format_matrix(matrix: list[list[float]], names: list[str], base: list[float]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from search.experiment import load_experiment
-    from trainables.run import prepare, run_stream
+    from adaptune.search.experiment import load_experiment
+    from adaptune.trainables.run import prepare, run_stream
 
     exp = load_experiment(args.experiment, args.set)
     out = Path(args.out or Path("runs") / "train" / exp.name)
@@ -103,15 +103,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from search.experiment import load_experiment
-    from search.tuner import check_search, describe_search, format_table, run_search
+    from adaptune.search.experiment import load_experiment
+    from adaptune.search.tuner import check_search, describe_search, format_table, run_search
 
     overrides = [*args.set, *([f"name={args.name}"] if args.name else [])]
     if args.max_failures is not None:
         overrides.append(f"search.max_failures={args.max_failures}")
     exp = load_experiment(args.experiment, overrides)
     if args.dry_run:
-        from trainables.run import prepare
+        from adaptune.trainables.run import prepare
 
         with naming_file(args.experiment):
             check_search(exp, resume=args.resume)
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(func=cmd_search)
     ui.add_parser(sub)
 
-    from search import export
+    from adaptune.search import export
 
     export.add_parser(sub)
     return parser

@@ -12,17 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from search.stores import DEFAULT_TRACKING_URI
-from spaces import check_space
-from trainables.config import (
+from adaptune.search.stores import DEFAULT_TRACKING_URI
+from adaptune.spaces import check_space
+from adaptune.trainables.config import (
     HYPERPARAMETERS,
     RunConfig,
     format_validation_error,
     register_schema,
 )
-from trainables.errors import ConfigError
+from adaptune.trainables.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class _Strict(BaseModel):

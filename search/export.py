@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from search.experiment import Experiment, experiment_yaml, parse_experiment
-from search.stores import DEFAULT_TRACKING_URI, existing_store
-from spaces import Dist
-from spaces.tune import parse_space
-from trainables.config import HYPERPARAMETERS
-from trainables.errors import ConfigError
+from adaptune.search.experiment import Experiment, experiment_yaml, parse_experiment
+from adaptune.search.stores import DEFAULT_TRACKING_URI, existing_store
+from adaptune.spaces import Dist
+from adaptune.spaces.tune import parse_space
+from adaptune.trainables.config import HYPERPARAMETERS
+from adaptune.trainables.errors import ConfigError
 
 # search.tracking's tags (it imports Ray and MLflow: loaded only when a command runs)
 PARENT_TAG = "mlflow.parentRunId"
@@ -348,7 +347,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if experiment_name and experiment_name.endswith((".yaml", ".yml")) and Path(
         experiment_name
     ).is_file():  # an experiment file: its MLflow experiment and store
-        from search.experiment import load_experiment
+        from adaptune.search.experiment import load_experiment
 
         exp = load_experiment(experiment_name)
         experiment_name = exp.tracking.experiment_name or exp.name

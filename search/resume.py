@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from trainables.errors import ConfigError
+from adaptune.trainables.errors import ConfigError
 
 SEARCH_FILE = "adaptune-search.json"
 SearchState = Literal["new", "interrupted", "finished", "unknown"]

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from adaptune.trainables.config import HYPERPARAMETERS
 from ray.air.constants import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
-
-from trainables.config import HYPERPARAMETERS
 
 _BY_PATH = {"/".join(path): name for name, path in HYPERPARAMETERS.items()}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainables.errors import ConfigError
+from adaptune.trainables.errors import ConfigError
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 _SQLITE = "sqlite:///"

@@ -32,13 +32,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from adaptune.search.stores import resolve_tracking_uri, sqlite_file
+from adaptune.trainables.config import HYPERPARAMETERS
+from adaptune.trainables.errors import TrainingDivergedError
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
-
-from search.stores import resolve_tracking_uri, sqlite_file
-from trainables.config import HYPERPARAMETERS
-from trainables.errors import TrainingDivergedError
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "adaptune.trial_id"

@@ -25,23 +25,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from search.experiment import Experiment, experiment_yaml
-from search.resume import check_search_dir, inspect_search_dir, write_search_info
-from search.searcher import ContinualOptunaSearch, build_searcher
-from search.tracking import (
+from adaptune.search.experiment import Experiment, experiment_yaml
+from adaptune.search.resume import check_search_dir, inspect_search_dir, write_search_info
+from adaptune.search.searcher import ContinualOptunaSearch, build_searcher
+from adaptune.search.tracking import (
     MlflowTrackingCallback,
     experiment_hash,
     resolve_tracking_uri,
     searched_params,
     sqlite_file,
 )
-from search.tune_loop import patient_controller
-from spaces import Dist
-from spaces.tune import build_param_space, parse_space
-from trainables.config import HYPERPARAMETERS, RunConfig, format_validation_error
-from trainables.errors import ConfigError
+from adaptune.search.tune_loop import patient_controller
+from adaptune.spaces import Dist
+from adaptune.spaces.tune import build_param_space, parse_space
+from adaptune.trainables.config import HYPERPARAMETERS, RunConfig, format_validation_error
+from adaptune.trainables.errors import ConfigError
+from pydantic import ValidationError
 
 CHAMPION_ALIAS = "champion"
 # stream-level metrics the trainable reports after every task, with the direction that is better
@@ -299,10 +298,9 @@ def build_tuner(
         trainable: the function trainable (default:
             :func:`trainables.trainable.continual_trainable`; tests pass one that injects faults).
     """
+    from adaptune.trainables.trainable import continual_trainable
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
-
-    from trainables.trainable import continual_trainable
 
     s = exp.search
     trainable = trainable or continual_trainable
@@ -384,9 +382,8 @@ def restore_tuner(
     unfinished ones restart from their last task checkpoint (``tune.get_checkpoint()`` in the
     trainable). The trainable itself is not pickled and is passed again.
     """
+    from adaptune.trainables.trainable import continual_trainable
     from ray import tune
-
-    from trainables.trainable import continual_trainable
 
     resources = {"cpu": exp.resources.cpus_per_trial, "gpu": exp.resources.gpus_per_trial}
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the pickled CLIReporter needs the classic engine
@@ -647,8 +644,7 @@ def preload_modules(
         return
     try:
         import transformers
-
-        from trainables.model import TINY
+        from adaptune.trainables.model import TINY
 
         model = exp.run.model
         if model.name == TINY:
@@ -804,7 +800,7 @@ def run_search(
             (see :func:`search.resume.check_search_dir`), before Ray starts or anything is
             written.
     """
-    from trainables.run import prepare
+    from adaptune.trainables.run import prepare
 
     check_search(exp, resume=resume)
     prep = prepare(exp.run)  # data and model checks, before anything is written

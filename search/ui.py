@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from search.stores import DEFAULT_TRACKING_URI, existing_store
-from trainables.errors import ConfigError
+from adaptune.search.stores import DEFAULT_TRACKING_URI, existing_store
+from adaptune.trainables.errors import ConfigError
 
 # Tags written by search/tracking.py (not imported: that module pulls in Ray).
 KIND_TAG = "adaptune.kind"
@@ -238,7 +238,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     experiment_name = metric = mode = None
     tracking_uri = args.tracking_uri
     if args.experiment:
-        from search.experiment import load_experiment
+        from adaptune.search.experiment import load_experiment
 
         exp = load_experiment(args.experiment)
         tracking_uri = tracking_uri or exp.tracking.tracking_uri

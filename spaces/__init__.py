@@ -18,9 +18,8 @@ from __future__ import annotations
 import builtins
 from typing import Any, Literal
 
+from adaptune.trainables.config import HYPERPARAMETERS
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from trainables.config import HYPERPARAMETERS
 
 Kind = Literal["loguniform", "uniform", "int", "choice"]
 
@@ -76,7 +75,7 @@ def check_space(space: dict[str, Any]) -> dict[str, Spec]:
         ValueError: an unknown hyperparameter name, listing the valid ones.
     """
     if "preset" in space:
-        from spaces.presets import PRESETS
+        from adaptune.spaces.presets import PRESETS
 
         name = space["preset"]
         if name not in PRESETS:

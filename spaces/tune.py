@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from spaces import Dist, Spec, check_space
-from spaces.presets import PRESETS  # noqa: F401  (re-exported)
-from trainables.config import HYPERPARAMETERS, with_absolute_paths
+from adaptune.spaces import Dist, Spec, check_space
+from adaptune.spaces.presets import PRESETS  # noqa: F401  (re-exported)
+from adaptune.trainables.config import HYPERPARAMETERS, with_absolute_paths
 
 
 def to_tune(spec: Spec) -> Any:

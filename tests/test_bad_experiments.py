@@ -21,10 +21,9 @@ from typing import Any
 import pytest
 import ray
 import yaml
-
-from search.cli import main
-from search.experiment import parse_experiment
-from search.tuner import asha_rungs, build_scheduler
+from adaptune.search.cli import main
+from adaptune.search.experiment import parse_experiment
+from adaptune.search.tuner import asha_rungs, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 FILE = "exp.yaml"
@@ -203,7 +202,7 @@ def write_case(tmp: Path, content: str | Mutation) -> Path:
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "search.cli", *args],
+        [sys.executable, "-m", "adaptune.search.cli", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
     )
 

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from search.cli import main
+from adaptune.search.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPTUNE = [sys.executable, "-m", "search.cli"]
+ADAPTUNE = [sys.executable, "-m", "adaptune.search.cli"]
 
 SMALL = {
     "name": "small",
@@ -173,13 +172,13 @@ def test_the_command_line_loads_torch_ray_and_mlflow_only_for_the_commands_that_
     # for torch and transformers (seconds of imports); `prepare` still loads them when used.
     heavy = ("torch", "transformers", "ray", "mlflow")
     code = (
-        "import sys, search.cli; "
+        "import sys, adaptune.search.cli; "
         f"print([m for m in {heavy!r} if m in sys.modules]); "
-        "from trainables import prepare; "
+        "from adaptune.trainables import prepare; "
         "print(prepare.__module__, 'torch' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
     )
-    assert out.stdout.splitlines() == ["[]", "trainables.run True"]
+    assert out.stdout.splitlines() == ["[]", "adaptune.trainables.run True"]
     assert subprocess.run([*ADAPTUNE, "--help"], capture_output=True, timeout=300).returncode == 0

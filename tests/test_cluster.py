@@ -33,13 +33,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from adaptune.search.experiment import parse_experiment
+from adaptune.search.resume import SEARCH_FILE
+from adaptune.search.tracking import NODE_ID_TAG, PARENT_TAG, TRIAL_TAG
+from adaptune.search.tuner import check_search, optuna_storage_file, search_location
+from adaptune.trainables.errors import ConfigError
 from mlflow.tracking import MlflowClient
-
-from search.experiment import parse_experiment
-from search.resume import SEARCH_FILE
-from search.tracking import NODE_ID_TAG, PARENT_TAG, TRIAL_TAG
-from search.tuner import check_search, optuna_storage_file, search_location
-from trainables.errors import ConfigError
 
 RAY = str(Path(sys.executable).with_name("ray"))
 NAME = "cluster"
@@ -152,7 +151,7 @@ def _ray_start(args: list[str], env: dict[str, str]) -> None:
 # auto` does, and lists the cluster's nodes.
 _LIST_NODES = """
 import json, ray
-from search.tuner import _use_token_auth_if_available
+from adaptune.search.tuner import _use_token_auth_if_available
 _use_token_auth_if_available("auto")
 ray.init(address="auto", log_to_driver=False)
 print(json.dumps({n["NodeID"]: sorted(n["Resources"]) for n in ray.nodes() if n["Alive"]}))
@@ -220,7 +219,7 @@ def test_search_on_a_two_node_cluster(two_node_cluster: Cluster, tmp_path: Path)
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "search.cli", "search", "exp.yaml",
+        [sys.executable, "-m", "adaptune.search.cli", "search", "exp.yaml",
          "--address", two_node_cluster.address],
         cwd=tmp_path, env=two_node_cluster.env, capture_output=True, text=True, timeout=600,
     )

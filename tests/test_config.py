@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from search.experiment import apply_overrides, load_experiment, parse_experiment, read_yaml
-from spaces import Dist
-from trainables.config import HYPERPARAMETERS, RunConfig, parse_run_config
-from trainables.errors import ConfigError
+from adaptune.search.experiment import apply_overrides, load_experiment, parse_experiment, read_yaml
+from adaptune.spaces import Dist
+from adaptune.trainables.config import HYPERPARAMETERS, RunConfig, parse_run_config
+from adaptune.trainables.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -324,7 +323,7 @@ def test_quickstart_with_overrides() -> None:
 
 def test_search_trials_get_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray runs trials in their own folders: relative local paths are resolved on the driver."""
-    from trainables.config import parse_run_config, with_absolute_paths
+    from adaptune.trainables.config import parse_run_config, with_absolute_paths
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data/a.txt").write_text("hello\n")

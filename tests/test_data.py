@@ -11,10 +11,9 @@ import pandas as pd
 import pytest
 import torch
 import transformers
-
-from trainables.config import DomainConfig, StreamConfig
-from trainables.data import build_stream, build_task, domain_documents
-from trainables.errors import ConfigError
+from adaptune.trainables.config import DomainConfig, StreamConfig
+from adaptune.trainables.data import build_stream, build_task, domain_documents
+from adaptune.trainables.errors import ConfigError
 
 BLOCK = 64
 
@@ -235,7 +234,7 @@ def test_python_source_reads_the_stdlib_without_its_tests_or_site_packages() -> 
     # existing experiment must not change).
     import sysconfig
 
-    from trainables.data import _python_source
+    from adaptune.trainables.data import _python_source
 
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}

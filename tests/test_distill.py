@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 import transformers
-
-from trainables.components.distill import Distillation, distillation_loss
-from trainables.config import DistillConfig
+from adaptune.trainables.components.distill import Distillation, distillation_loss
+from adaptune.trainables.config import DistillConfig
 
 LN = math.log
 

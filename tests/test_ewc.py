@@ -8,11 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from adaptune.trainables.components.ewc import EWC, estimate_fisher, ewc_penalty, next_token_loss
+from adaptune.trainables.config import EWCConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
-
-from trainables.components.ewc import EWC, estimate_fisher, ewc_penalty, next_token_loss
-from trainables.config import EWCConfig
 
 LN3 = math.log(3.0)
 
@@ -94,11 +93,10 @@ def test_fisher_on_a_transformers_gpt_uses_vmap_and_matches_the_loop() -> None:
     # The fast path must really run on the default model (a silent fallback to the loop would
     # still give right numbers, only slower), and give the loop's numbers; the model's
     # pad-token setting and attention implementation are restored afterwards.
+    from adaptune.trainables.components.ewc import _fisher_loop, _fisher_vmap
+    from adaptune.trainables.config import ModelConfig
+    from adaptune.trainables.model import build_model
     from transformers import ByT5Tokenizer
-
-    from trainables.components.ewc import _fisher_loop, _fisher_vmap
-    from trainables.config import ModelConfig
-    from trainables.model import build_model
 
     torch.manual_seed(0)
     tok = ByT5Tokenizer()

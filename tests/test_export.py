@@ -10,13 +10,12 @@ from typing import Any
 
 import pytest
 import yaml
+from adaptune.search import export, tracking
+from adaptune.search.cli import main
+from adaptune.search.experiment import experiment_yaml, load_experiment, parse_experiment
+from adaptune.search.tracking import PARENT_TAG, TRIAL_TAG, MlflowTrackingCallback
+from adaptune.spaces.tune import build_param_space
 from mlflow.tracking import MlflowClient
-
-from search import export, tracking
-from search.cli import main
-from search.experiment import experiment_yaml, load_experiment, parse_experiment
-from search.tracking import PARENT_TAG, TRIAL_TAG, MlflowTrackingCallback
-from spaces.tune import build_param_space
 
 TASKS = ["docs", "code"]
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from trainables.metrics import stream_metrics, task_forgetting
+from adaptune.trainables.metrics import stream_metrics, task_forgetting
 
 # L[i][j-1]: eval loss on task j after training through task i (row 0 = before any training).
 L = [

@@ -8,10 +8,9 @@ from typing import Any
 import pytest
 import torch
 import transformers
-
-from trainables.config import ModelConfig, StreamConfig
-from trainables.errors import ConfigError
-from trainables.model import (
+from adaptune.trainables.config import ModelConfig, StreamConfig
+from adaptune.trainables.errors import ConfigError
+from adaptune.trainables.model import (
     build_model,
     check_model_loadable,
     context_length,

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from adaptune.trainables.components.replay import Replay, ReservoirBuffer
+from adaptune.trainables.config import ReplayConfig
 from safetensors.torch import load_file, save_file
 from scipy.stats import chisquare
-
-from trainables.components.replay import Replay, ReservoirBuffer
-from trainables.config import ReplayConfig
 
 
 def items(n: int, start: int = 0, width: int = 3) -> torch.Tensor:

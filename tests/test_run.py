@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-
-from trainables import TrainingDivergedError, parse_run_config, prepare, run_stream
-from trainables.run import Prepared
+from adaptune.trainables import TrainingDivergedError, parse_run_config, prepare, run_stream
+from adaptune.trainables.run import Prepared
 
 
 def small_run(**components: Any) -> dict[str, Any]:
@@ -112,7 +111,7 @@ def test_resume_after_task_one_matches_an_uninterrupted_run(tmp_path: Path) -> N
 
 
 def test_nan_loss_raises_with_task_and_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    import trainables.run as run_module
+    import adaptune.trainables.run as run_module
 
     real_build = run_module.build_model
 

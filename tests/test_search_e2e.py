@@ -8,13 +8,12 @@ import mlflow
 import optuna
 import pytest
 import yaml
+from adaptune.search.cli import main
+from adaptune.search.experiment import parse_experiment
+from adaptune.search.tracking import PARENT_TAG, TRIAL_TAG
+from adaptune.search.tuner import check_search
+from adaptune.trainables.errors import ConfigError
 from mlflow.tracking import MlflowClient
-
-from search.cli import main
-from search.experiment import parse_experiment
-from search.tracking import PARENT_TAG, TRIAL_TAG
-from search.tuner import check_search
-from trainables.errors import ConfigError
 
 EXPERIMENT = {
     "name": "e2e",

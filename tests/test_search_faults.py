@@ -22,13 +22,10 @@ import cloudpickle
 import optuna
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-from ray.exceptions import RayTaskError
-
-from search import tuner
-from search.cli import main
-from search.experiment import experiment_yaml, parse_experiment
-from search.tracking import (
+from adaptune.search import tuner
+from adaptune.search.cli import main
+from adaptune.search.experiment import experiment_yaml, parse_experiment
+from adaptune.search.tracking import (
     ERROR_ARTIFACT,
     ERROR_TAG,
     FAILURES_TAG,
@@ -37,7 +34,9 @@ from search.tracking import (
     MlflowTrackingCallback,
     describe_error,
 )
-from trainables.errors import TrainingDivergedError
+from adaptune.trainables.errors import TrainingDivergedError
+from mlflow.tracking import MlflowClient
+from ray.exceptions import RayTaskError
 
 TASKS = ["docs", "names", "code"]
 RAISES, KILLED = 2, 3  # trial seeds that get a fault
@@ -87,7 +86,7 @@ def fate(params: dict[str, Any]) -> str:
 def faulty_trainable(experiment_dir: Path, marker: Path) -> Any:
     """``continual_trainable`` with injected faults. Defined in a function so Ray's cloudpickle
     ships it by value to the workers (this test module is not importable there)."""
-    from trainables.trainable import continual_trainable
+    from adaptune.trainables.trainable import continual_trainable
 
     def kill_after_second_checkpoint(trial_dir: Path) -> None:
         while not (trial_dir / "checkpoint_000001").exists():

@@ -17,14 +17,11 @@ from typing import Any
 import optuna
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-from ray import tune
-
-from search.cli import main
-from search.experiment import experiment_yaml, parse_experiment
-from search.resume import SEARCH_FILE
-from search.searcher import build_searcher
-from search.tracking import (
+from adaptune.search.cli import main
+from adaptune.search.experiment import experiment_yaml, parse_experiment
+from adaptune.search.resume import SEARCH_FILE
+from adaptune.search.searcher import build_searcher
+from adaptune.search.tracking import (
     ERROR_TAG,
     LOST_TAG,
     PARENT_TAG,
@@ -34,8 +31,10 @@ from search.tracking import (
     MlflowTrackingCallback,
     experiment_hash,
 )
-from search.tuner import close_dangling_trials
-from spaces.tune import build_param_space
+from adaptune.search.tuner import close_dangling_trials
+from adaptune.spaces.tune import build_param_space
+from mlflow.tracking import MlflowClient
+from ray import tune
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 3  # tasks in the stream
@@ -367,7 +366,7 @@ def test_sigkilled_search_resumes_without_rerunning_or_duplicating(
     log = tmp_path / "search.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "search.cli", "search", "exp.yaml"],
+            [sys.executable, "-m", "adaptune.search.cli", "search", "exp.yaml"],
             cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:

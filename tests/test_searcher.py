@@ -7,9 +7,8 @@ from pathlib import Path
 
 import optuna
 import pytest
+from adaptune.search.searcher import ContinualOptunaSearch, build_searcher
 from ray import tune
-
-from search.searcher import ContinualOptunaSearch, build_searcher
 
 T = 3  # tasks in the stream
 

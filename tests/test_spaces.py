@@ -6,14 +6,13 @@ import math
 
 import optuna
 import pytest
+from adaptune.search.experiment import parse_experiment
+from adaptune.spaces import Dist
+from adaptune.spaces.tune import PRESETS, build_param_space, searched_names, space_to_tune, to_tune
+from adaptune.trainables.config import HYPERPARAMETERS, parse_run_config
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
-
-from search.experiment import parse_experiment
-from spaces import Dist
-from spaces.tune import PRESETS, build_param_space, searched_names, space_to_tune, to_tune
-from trainables.config import HYPERPARAMETERS, parse_run_config
 
 
 def test_each_kind_maps_to_its_tune_domain() -> None:
@@ -110,8 +109,8 @@ def test_build_param_space_replaces_leaves_in_the_run_config() -> None:
 
 
 def test_a_preset_is_usable_from_an_experiment_with_overrides() -> None:
-    from search.experiment import load_experiment
-    from spaces.presets import PRESETS
+    from adaptune.search.experiment import load_experiment
+    from adaptune.spaces.presets import PRESETS
 
     exp = load_experiment(
         "experiments/quickstart.yaml",
@@ -123,8 +122,8 @@ def test_a_preset_is_usable_from_an_experiment_with_overrides() -> None:
 
 
 def test_an_unknown_preset_lists_the_valid_ones() -> None:
-    from search.experiment import load_experiment
-    from trainables.errors import ConfigError
+    from adaptune.search.experiment import load_experiment
+    from adaptune.trainables.errors import ConfigError
 
     with pytest.raises(
         ConfigError, match=r"space: preset: unknown preset 'lwf'; valid values: replay, ewc"

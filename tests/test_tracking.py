@@ -9,11 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mlflow.tracking import MlflowClient
-
-from search.experiment import experiment_yaml, parse_experiment
-from search.stores import existing_store
-from search.tracking import (
+from adaptune.search.experiment import experiment_yaml, parse_experiment
+from adaptune.search.stores import existing_store
+from adaptune.search.tracking import (
     HASH_TAG,
     PARENT_TAG,
     TRIAL_TAG,
@@ -21,8 +19,9 @@ from search.tracking import (
     experiment_hash,
     resolve_tracking_uri,
 )
-from spaces.tune import build_param_space
-from trainables.errors import ConfigError
+from adaptune.spaces.tune import build_param_space
+from adaptune.trainables.errors import ConfigError
+from mlflow.tracking import MlflowClient
 
 TASKS = ["docs", "code", "unicode"]
 

@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
-
-from search import tuner
-from search.cli import main
+from adaptune.search import tuner
+from adaptune.search.cli import main
 
 REUSE: dict[str, Any] = {
     "name": "reuse",
@@ -54,7 +53,7 @@ def counting_trainable(out_dir: Path) -> Any:
     (``nn.Parameter``) the worker still tracks (library-level modules, such as transformers'
     activation instances, have no weights).
     Defined in a function so Ray's cloudpickle ships it by value to the workers."""
-    from trainables.trainable import continual_trainable
+    from adaptune.trainables.trainable import continual_trainable
 
     def trainable(config: dict[str, Any]) -> None:
         import gc

@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 import ray
+from adaptune.search.tune_loop import EVENT_WAIT_S, TUNE_STEP_WAIT_S, patient_controller
+from adaptune.search.tuner import LOCAL_RAY_ENV
 from ray import tune
 from ray.air.execution._internal.actor_manager import RayActorManager
-
-from search.tune_loop import EVENT_WAIT_S, TUNE_STEP_WAIT_S, patient_controller
-from search.tuner import LOCAL_RAY_ENV
 
 SLEEP_S = 3.0
 

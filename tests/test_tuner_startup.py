@@ -10,9 +10,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import ray
-
-from search.experiment import Experiment, parse_experiment
-from search.tuner import (
+from adaptune.search.experiment import Experiment, parse_experiment
+from adaptune.search.tuner import (
     LOCAL_RAY_ENV,
     _new_sqlite_paths,
     local_cpu_count,

@@ -57,9 +57,9 @@ class FakeTrial:
 
 def _build_store(tmp_path: Path) -> tuple[Path, Any, Any]:
     """One search logged by the real callback: a parent run and one child run per trial."""
-    from search.experiment import experiment_yaml, parse_experiment
-    from search.tracking import MlflowTrackingCallback
-    from spaces.tune import build_param_space
+    from adaptune.search.experiment import experiment_yaml, parse_experiment
+    from adaptune.search.tracking import MlflowTrackingCallback
+    from adaptune.spaces.tune import build_param_space
 
     db = tmp_path / "runs" / "mlflow.db"
     exp = parse_experiment(
@@ -123,7 +123,7 @@ def _wait_for_url(proc: subprocess.Popen[bytes], out: Path, err: Path, timeout: 
 
 
 def test_view_state_sorts_by_the_objective_and_shows_its_column() -> None:
-    from search.ui import SearchView, share_key, view_state
+    from adaptune.search.ui import SearchView, share_key, view_state
 
     view = SearchView("7", "e", "stream_loss", "min", "p", ("lr",), ("seen_loss", "stream_loss"))
     state = view_state(view)
@@ -137,7 +137,7 @@ def test_view_state_sorts_by_the_objective_and_shows_its_column() -> None:
 
 
 def test_ui_rejects_a_missing_store_and_a_busy_port(tmp_path: Path, capsys) -> None:
-    from search.cli import main
+    from adaptune.search.cli import main
 
     assert main(["ui", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"]) == 2
     assert "no MLflow store" in capsys.readouterr().err
@@ -165,7 +165,8 @@ def test_ui_shows_the_search_trials_sorted_by_the_objective(tmp_path: Path) -> N
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     with out.open("wb") as stdout, err.open("wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "search.cli", "ui", str(experiment), "--port", str(port)],
+            [sys.executable, "-m", "adaptune.search.cli", "ui", str(experiment),
+             "--port", str(port)],
             cwd=tmp_path, env=env, stdout=stdout, stderr=stderr,
         )
     base = f"http://127.0.0.1:{port}"

@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from trainables.config import HYPERPARAMETERS, RunConfig, parse_run_config
-from trainables.errors import ConfigError, TrainingDivergedError
+from adaptune.trainables.config import HYPERPARAMETERS, RunConfig, parse_run_config
+from adaptune.trainables.errors import ConfigError, TrainingDivergedError
 
 if TYPE_CHECKING:
-    from trainables.run import Prepared, prepare, run_stream
+    from adaptune.trainables.run import Prepared, prepare, run_stream
 
 _FROM_RUN = ("Prepared", "prepare", "run_stream")
 
@@ -32,7 +32,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _FROM_RUN:
-        value = getattr(importlib.import_module("trainables.run"), name)
+        value = getattr(importlib.import_module("adaptune.trainables.run"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'trainables' has no attribute {name!r}")

@@ -15,9 +15,8 @@ import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from adaptune.trainables.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from trainables.errors import ConfigError
 
 
 class _Strict(BaseModel):

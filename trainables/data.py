@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from adaptune.trainables.config import DomainConfig, StreamConfig
+from adaptune.trainables.errors import ConfigError
 from torch import Tensor
-
-from trainables.config import DomainConfig, StreamConfig
-from trainables.errors import ConfigError
 
 FILE_LOADERS = {
     ".txt": "text",

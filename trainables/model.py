@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from adaptune.trainables.config import ModelConfig, StreamConfig
+from adaptune.trainables.errors import ConfigError
 from torch import nn
-
-from trainables.config import ModelConfig, StreamConfig
-from trainables.errors import ConfigError
 
 TINY = "tiny-gpt"
 

@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
-from trainables.checkpoint import (
+from adaptune.trainables.checkpoint import (
     Progress,
     load_optimizer_state,
     load_progress,
@@ -29,13 +27,13 @@ from trainables.checkpoint import (
     save_checkpoint,
     split_state,
 )
-from trainables.components import Components, build_components
-from trainables.components.ewc import next_token_loss
-from trainables.config import RunConfig
-from trainables.data import TaskData, build_stream, build_task
-from trainables.errors import ConfigError, TrainingDivergedError
-from trainables.metrics import stream_metrics, task_forgetting
-from trainables.model import (
+from adaptune.trainables.components import Components, build_components
+from adaptune.trainables.components.ewc import next_token_loss
+from adaptune.trainables.config import RunConfig
+from adaptune.trainables.data import TaskData, build_stream, build_task
+from adaptune.trainables.errors import ConfigError, TrainingDivergedError
+from adaptune.trainables.metrics import stream_metrics, task_forgetting
+from adaptune.trainables.model import (
     TINY,
     build_model,
     check_model_loadable,
@@ -43,6 +41,7 @@ from trainables.model import (
     load_tokenizer,
     pretrain_dir,
 )
+from torch import Tensor, nn
 
 # (metrics, checkpoint dir) -> None; called once per task.
 Reporter = Callable[[dict[str, Any], Path], None]

@@ -23,8 +23,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from trainables.config import parse_run_config
-from trainables.run import pick_device, prepare, run_stream
+from adaptune.trainables.config import parse_run_config
+from adaptune.trainables.run import pick_device, prepare, run_stream
 
 
 def continual_trainable(config: dict[str, Any]) -> None:

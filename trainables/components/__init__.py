@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainables.components.distill import Distillation
-from trainables.components.ewc import EWC
-from trainables.components.replay import Replay
-from trainables.config import ComponentsConfig
+from adaptune.trainables.components.distill import Distillation
+from adaptune.trainables.components.ewc import EWC
+from adaptune.trainables.components.replay import Replay
+from adaptune.trainables.config import ComponentsConfig
 
 
 @dataclass(frozen=True)

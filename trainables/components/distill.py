@@ -6,9 +6,8 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from adaptune.trainables.config import DistillConfig
 from torch import Tensor, nn
-
-from trainables.config import DistillConfig
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -21,9 +21,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from adaptune.trainables.config import EWCConfig
 from torch import Tensor, nn
-
-from trainables.config import EWCConfig
 
 log = logging.getLogger(__name__)
 

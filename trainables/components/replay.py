@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
+from adaptune.trainables.config import ReplayConfig
 from torch import Tensor
-
-from trainables.config import ReplayConfig
 
 
 class ReservoirBuffer:
