@@ -38,8 +38,7 @@ from typing import Any
 import torch
 import yaml
 from adaptune.trainables import parse_run_config, prepare, run_stream
-from adaptune.trainables.components.ewc import next_token_loss
-from adaptune.trainables.model import build_model
+from adaptune.trainables.model import build_model, next_token_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

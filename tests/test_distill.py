@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import transformers
+from adaptune.trainables.components import TaskContext
 from adaptune.trainables.components.distill import Distillation, distillation_loss
 from adaptune.trainables.config import DistillConfig
 
@@ -104,29 +105,56 @@ def _tiny_gpt() -> transformers.GPT2LMHeadModel:
     return transformers.GPT2LMHeadModel(config)
 
 
+def _ctx(model: torch.nn.Module, *, k: int, pretrained: bool = False) -> TaskContext:
+    return TaskContext(
+        model=model,
+        train_blocks=torch.zeros(4, 8, dtype=torch.long),
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+        k=k,
+        n_tasks=3,
+        batch_size=2,
+        pretrained=pretrained,
+    )
+
+
+@pytest.mark.parametrize(
+    ("k", "pretrained", "teacher"),
+    [(1, False, False), (1, True, True), (2, False, True), (3, True, True)],
+)
+def test_teacher_only_when_the_model_knows_something(
+    k: int, pretrained: bool, teacher: bool
+) -> None:
+    # A fresh model's first task has nothing to preserve; a pretrained one, or any later task, has.
+    comp = Distillation(DistillConfig(distill_alpha=0.5))
+    comp.before_task(_ctx(_tiny_gpt(), k=k, pretrained=pretrained))
+    assert (comp.teacher is not None) is teacher
+
+
 def test_component_teacher_is_a_frozen_copy_and_alpha_scales() -> None:
     model = _tiny_gpt().train()
     batch = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(1))
     comp = Distillation(DistillConfig(distill_alpha=0.5, temperature=2.0))
-    comp.before_task(model, knows_something=False)
+    comp.before_task(_ctx(model, k=1))
     assert comp.teacher is None
-    assert comp.penalty(model, batch, model(input_ids=batch).logits) is None
+    ctx = _ctx(model, k=2)
+    assert comp.penalty(ctx, batch, model(input_ids=batch).logits) is None
 
-    comp.before_task(model, knows_something=True)
+    comp.before_task(ctx)
     assert comp.teacher is not None and comp.teacher is not model
     assert not comp.teacher.training
     assert all(not p.requires_grad for p in comp.teacher.parameters())
     model.eval()  # dropout off so student == teacher exactly
-    same = comp.penalty(model, batch, model(input_ids=batch).logits)
+    same = comp.penalty(ctx, batch, model(input_ids=batch).logits)
     assert same is not None and float(same.detach()) == pytest.approx(0.0, abs=1e-6)
 
-    # change the student: penalty = alpha * distillation_loss(student, teacher)
+    # change the student: penalty = distill_alpha * distillation_loss(student, teacher)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     logits = model(input_ids=batch).logits
     teacher_logits = comp.teacher(input_ids=batch).logits
-    penalty = comp.penalty(model, batch, logits)
+    penalty = comp.penalty(ctx, batch, logits)
     assert penalty is not None
     expected = 0.5 * float(distillation_loss(logits, teacher_logits, 2.0).detach())
     assert expected > 1e-6

@@ -8,8 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from adaptune.trainables.components.ewc import EWC, estimate_fisher, ewc_penalty, next_token_loss
+from adaptune.trainables.components import TaskContext
+from adaptune.trainables.components.ewc import EWC, estimate_fisher, ewc_penalty
 from adaptune.trainables.config import EWCConfig
+from adaptune.trainables.model import next_token_loss
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -47,6 +49,26 @@ BLOCKS = torch.tensor([[0, 0, 1], [1, 1, 1]])
 #   F_b = (1/16 + 81/100) / 2 = (0.0625 + 0.81) / 2 = 0.43625
 FISHER_A = 1.65125
 FISHER_B = 0.43625
+
+
+def _ctx(
+    model: nn.Module,
+    *,
+    k: int = 1,
+    n_tasks: int = 2,
+    seed: int = 0,
+    device: str = "cpu",
+) -> TaskContext:
+    return TaskContext(
+        model=model,
+        train_blocks=BLOCKS,
+        generator=torch.Generator().manual_seed(seed),
+        device=torch.device(device),
+        k=k,
+        n_tasks=n_tasks,
+        batch_size=2,
+        pretrained=False,
+    )
 
 
 def test_next_token_loss_by_hand() -> None:
@@ -121,12 +143,12 @@ def test_ewc_penalty_by_hand() -> None:
     anchor = {"w": torch.tensor([0.0, 1.0]), "b": torch.tensor(-1.0)}
     # sum F (theta - theta*)^2 = 1*(1-0)^2 + 2*(3-1)^2 + 0.5*(2+1)^2 = 1 + 8 + 4.5 = 13.5
     # lambda/2 * 13.5 with lambda = 4 -> 27.0
-    assert float(ewc_penalty(params, precision, anchor, lam=4.0)) == pytest.approx(27.0)
-    assert float(ewc_penalty(params, precision, anchor, lam=0.0)) == 0.0
+    assert float(ewc_penalty(params, precision, anchor, ewc_lambda=4.0)) == pytest.approx(27.0)
+    assert float(ewc_penalty(params, precision, anchor, ewc_lambda=0.0)) == 0.0
 
 
-def _ewc(mode: str = "separate", lam: float = 2.0, gamma: float = 1.0) -> EWC:
-    return EWC(EWCConfig(ewc_lambda=lam, ewc_mode=mode, ewc_gamma=gamma))
+def _ewc(mode: str = "separate", ewc_lambda: float = 2.0, ewc_gamma: float = 1.0) -> EWC:
+    return EWC(EWCConfig(ewc_lambda=ewc_lambda, ewc_mode=mode, ewc_gamma=ewc_gamma))
 
 
 def _t(x: float) -> torch.Tensor:
@@ -147,17 +169,17 @@ def _consolidated(ewc: EWC) -> EWC:
 
 
 def _penalty_at(ewc: EWC, a: float, b: float) -> float:
-    value = ewc.penalty(TwoParam(a, b), BLOCKS, torch.empty(0))
+    value = ewc.penalty(_ctx(TwoParam(a, b)), BLOCKS, torch.empty(0))
     assert value is not None
     return float(value.detach())
 
 
 def test_penalty_is_none_before_any_task() -> None:
-    assert _ewc().penalty(TwoParam(0.0, 0.0), BLOCKS, torch.empty(0)) is None
+    assert _ewc().penalty(_ctx(TwoParam(0.0, 0.0)), BLOCKS, torch.empty(0)) is None
 
 
 def test_separate_mode_after_one_task_by_hand() -> None:
-    ewc = _ewc(lam=2.0)
+    ewc = _ewc(ewc_lambda=2.0)
     ewc.consolidate({k: _t(v) for k, v in F1.items()}, {k: _t(v) for k, v in THETA1.items()})
     # lambda/2 * [2*(0-1)^2 + 0*(0-5)^2] = 1 * 2 = 2
     assert _penalty_at(ewc, 0.0, 0.0) == pytest.approx(2.0)
@@ -165,7 +187,7 @@ def test_separate_mode_after_one_task_by_hand() -> None:
 
 
 def test_separate_mode_two_tasks_by_hand() -> None:
-    ewc = _consolidated(_ewc(lam=2.0))
+    ewc = _consolidated(_ewc(ewc_lambda=2.0))
     # At theta = (0, 0):
     #   task 1: 2*(0-1)^2 + 0*(0-5)^2 = 2
     #   task 2: 1*(0+2)^2 + 3*(0-1)^2 = 4 + 3 = 7
@@ -182,7 +204,7 @@ def test_separate_mode_two_tasks_by_hand() -> None:
 
 @pytest.mark.parametrize("theta", [(0.3, -1.7), (4.0, 2.5), (-3.0, 10.0), (1.0, 5.0)])
 def test_separate_mode_equals_sum_of_separate_quadratics(theta: tuple[float, float]) -> None:
-    ewc = _consolidated(_ewc(lam=2.0))
+    ewc = _consolidated(_ewc(ewc_lambda=2.0))
     a, b = theta
     expected = sum(
         F[k] * (x - TH[k]) ** 2
@@ -207,7 +229,7 @@ def test_separate_mode_three_tasks_random() -> None:
         expected = 0.35 * sum(float((f * (w - th) ** 2).sum()) for f, th in tasks)
         model = nn.Module()
         model.w = nn.Parameter(w)
-        got = float(ewc.penalty(model, BLOCKS, torch.empty(0)).detach())
+        got = float(ewc.penalty(_ctx(model), BLOCKS, torch.empty(0)).detach())
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
@@ -220,7 +242,7 @@ def test_consolidate_does_not_modify_its_inputs() -> None:
 
 
 def test_online_mode_by_hand() -> None:
-    ewc = _consolidated(_ewc(mode="online", lam=2.0, gamma=0.5))
+    ewc = _consolidated(_ewc(mode="online", ewc_lambda=2.0, ewc_gamma=0.5))
     # F* = gamma F1 + F2 = (0.5*2 + 1, 0.5*0 + 3) = (2, 3), anchored at theta2 = (-2, 1)
     assert float(ewc.precision["a"]) == pytest.approx(2.0)
     assert float(ewc.precision["b"]) == pytest.approx(3.0)
@@ -234,7 +256,7 @@ def test_online_mode_by_hand() -> None:
 
 
 def test_online_mode_gamma_one_three_tasks() -> None:
-    ewc = _ewc(mode="online", lam=1.0, gamma=1.0)
+    ewc = _ewc(mode="online", ewc_lambda=1.0, ewc_gamma=1.0)
     for f in (1.0, 2.0, 4.0):
         ewc.consolidate({"a": _t(f), "b": _t(0.0)}, {"a": _t(f), "b": _t(0.0)})
     # F* = 1 + 2 + 4 = 7 at the last theta (4)
@@ -245,7 +267,7 @@ def test_online_mode_gamma_one_three_tasks() -> None:
 def test_after_task_uses_fisher_and_current_weights() -> None:
     model = TwoParam(LN3, 0.0)
     ewc = EWC(EWCConfig(ewc_lambda=1.0, fisher_samples=64))  # >= 2 blocks: all of them
-    ewc.after_task(model, BLOCKS, torch.Generator().manual_seed(0))
+    ewc.after_task(_ctx(model))
     assert float(ewc.precision["a"]) == pytest.approx(FISHER_A, rel=1e-5)
     assert float(ewc.precision["b"]) == pytest.approx(FISHER_B, rel=1e-5)
     assert float(ewc.anchor["a"]) == pytest.approx(LN3)
@@ -260,18 +282,30 @@ def test_after_task_uses_fisher_and_current_weights() -> None:
 def test_after_task_subsamples_fisher_samples_blocks() -> None:
     model = TwoParam(LN3, 0.0)
     ewc = EWC(EWCConfig(ewc_lambda=1.0, fisher_samples=1))
-    ewc.after_task(model, BLOCKS, torch.Generator().manual_seed(0))
+    ewc.after_task(_ctx(model))
     # one block: F_a is either g1_a^2 = 1/16 or g2_a^2 = 81/25
     f_a = float(ewc.precision["a"])
     assert min(abs(f_a - 0.0625), abs(f_a - 3.24)) < 1e-5
 
 
+def test_after_task_skips_the_last_task() -> None:
+    # No later task trains against the last Fisher: no estimate, no draw from the generator.
+    ewc = EWC(EWCConfig(ewc_lambda=1.0, fisher_samples=1))
+    ctx = _ctx(TwoParam(LN3, 0.0), k=2, n_tasks=2)
+    before = ctx.generator.get_state()
+    ewc.after_task(ctx)
+    assert ewc.precision == {} and ewc.anchor == {}
+    assert torch.equal(ctx.generator.get_state(), before)
+    ewc.after_task(_ctx(TwoParam(LN3, 0.0), k=1, n_tasks=2))
+    assert set(ewc.precision) == {"a", "b"}
+
+
 @pytest.mark.parametrize("mode", ["separate", "online"])
 def test_state_dict_round_trip(mode: str, tmp_path: Path) -> None:
-    ewc = _consolidated(_ewc(mode=mode, lam=2.0, gamma=0.5))
+    ewc = _consolidated(_ewc(mode=mode, ewc_lambda=2.0, ewc_gamma=0.5))
     path = tmp_path / "state.safetensors"  # through safetensors, as the checkpoint does
     save_file({k: v.contiguous() for k, v in ewc.state_dict().items()}, path)
-    restored = _ewc(mode=mode, lam=2.0, gamma=0.5)
+    restored = _ewc(mode=mode, ewc_lambda=2.0, ewc_gamma=0.5)
     restored.load_state_dict(load_file(path))
     assert restored.constant == pytest.approx(ewc.constant)
     assert set(restored.precision) == {"a", "b"} == set(restored.anchor)
@@ -287,6 +321,6 @@ def test_penalty_moves_state_to_the_model_device() -> None:
     # The meta device stands in for "another device" here.
     ewc = _consolidated(_ewc())
     model = TwoParam(0.0, 0.0).to("meta")
-    value = ewc.penalty(model, BLOCKS, torch.empty(0))
+    value = ewc.penalty(_ctx(model, device="meta"), BLOCKS, torch.empty(0))
     assert value is not None and value.device.type == "meta"
     assert ewc.precision["a"].device.type == "meta"

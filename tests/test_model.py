@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,24 @@ from adaptune.trainables.model import (
     check_model_loadable,
     context_length,
     load_tokenizer,
+    next_token_loss,
     pretrain_dir,
     pretrain_key,
 )
+
+
+def test_next_token_loss_shifts_by_one_and_averages_positions() -> None:
+    # Position t predicts token t + 1; the last position predicts nothing, so its (extreme)
+    # logits must not count. Positions 0 and 1 each give the target probability 3/4.
+    ln3 = math.log(3.0)
+    logits = torch.tensor([[[ln3, 0.0], [0.0, ln3], [100.0, -100.0]]])  # (1, 3, 2)
+    blocks = torch.tensor([[1, 0, 1]])  # targets: 0, then 1
+    loss = next_token_loss(logits, blocks)
+    assert float(loss) == pytest.approx(-math.log(0.75), rel=1e-6)
+    # a batch of the same row twice: the mean, not the sum
+    assert float(next_token_loss(logits.repeat(2, 1, 1), blocks.repeat(2, 1))) == pytest.approx(
+        -math.log(0.75), rel=1e-6
+    )
 
 
 def test_default_tiny_model_with_byt5_tokenizer() -> None:

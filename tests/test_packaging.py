@@ -56,10 +56,12 @@ def test_the_installed_wheel_runs_beside_other_spaces_and_search_modules(
         check=True, capture_output=True, text=True,
     ).stdout.strip())
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    # this environment's pip, run by the new interpreter, installs into the new environment
-    # (and writes the `adaptune` script for it)
+    # This environment's pip, run by the new interpreter, installs into the new environment
+    # and writes the `adaptune` script for it; --ignore-installed, or it would uninstall the
+    # editable adaptune it sees through deps.pth.
     subprocess.run(
-        [str(py), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)],
+        [str(py), "-m", "pip", "install", "--quiet", "--no-deps", "--ignore-installed",
+         str(wheel)],
         check=True, capture_output=True, timeout=300,
     )
     # Modules named like ours, first on sys.path: what `pip install spaces` would put there.

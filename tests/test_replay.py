@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from adaptune.trainables.components import TaskContext
 from adaptune.trainables.components.replay import Replay, ReservoirBuffer
 from adaptune.trainables.config import ReplayConfig
 from safetensors.torch import load_file, save_file
@@ -155,6 +156,19 @@ def _replay(buffer_size: int = 8, fraction: float = 0.25) -> Replay:
     return Replay(ReplayConfig(buffer_size=buffer_size, replay_fraction=fraction))
 
 
+def _ctx(blocks: torch.Tensor, batch_size: int = 16, seed: int = 0) -> TaskContext:
+    return TaskContext(
+        model=torch.nn.Identity(),
+        train_blocks=blocks,
+        generator=torch.Generator().manual_seed(seed),
+        device=torch.device("cpu"),
+        k=1,
+        n_tasks=2,
+        batch_size=batch_size,
+        pretrained=False,
+    )
+
+
 @pytest.mark.parametrize(
     ("fraction", "batch", "expected"),
     [
@@ -167,21 +181,34 @@ def _replay(buffer_size: int = 8, fraction: float = 0.25) -> Replay:
         (0.0, 16, 0),
     ],
 )
-def test_replayed_per_batch(fraction: float, batch: int, expected: int) -> None:
+def test_rows_taken_from_each_batch(fraction: float, batch: int, expected: int) -> None:
     replay = _replay(fraction=fraction)
-    assert replay.replayed_per_batch(batch) == 0  # empty buffer
-    replay.after_task(items(5), torch.Generator().manual_seed(0))
-    assert replay.replayed_per_batch(batch) == expected
+    ctx = _ctx(items(5), batch_size=batch)
+    assert replay.rows(ctx) == 0  # empty buffer
+    replay.after_task(ctx)
+    assert replay.rows(ctx) == expected
     assert expected == min(batch - 1, round(fraction * batch))
 
 
-def test_mix_appends_buffer_rows_to_current_batch() -> None:
+def test_after_task_offers_the_task_blocks_to_the_buffer() -> None:
     replay = _replay(buffer_size=4)
-    gen = torch.Generator().manual_seed(0)
-    replay.after_task(items(6, start=100), gen)
+    ctx = _ctx(items(10, start=100))
+    replay.after_task(ctx)
+    assert replay.buffer.seen == 10 and len(replay.buffer) == 4
+    # the same draws as the buffer alone with the same generator
+    alone = ReservoirBuffer(4)
+    alone.add(items(10, start=100), torch.Generator().manual_seed(0))
+    assert alone.blocks is not None and replay.buffer.blocks is not None
+    assert torch.equal(alone.blocks, replay.buffer.blocks)
+
+
+def test_compose_appends_buffer_rows_to_current_batch() -> None:
+    replay = _replay(buffer_size=4)
+    ctx = _ctx(items(6, start=100), batch_size=16)
     current = items(12)
-    assert torch.equal(replay.mix(current, 0, gen), current)
-    mixed = replay.mix(current, 4, gen)
+    assert torch.equal(replay.compose(current, ctx), current)  # empty buffer: unchanged
+    replay.after_task(ctx)
+    mixed = replay.compose(current, ctx)
     assert mixed.shape == (16, 3) and mixed.dtype == torch.long
     assert torch.equal(mixed[:12], current)
     assert all(100 <= int(i) < 106 for i in mixed[12:, 0])
@@ -210,16 +237,16 @@ def test_buffer_state_dict_round_trip_reproduces_future(tmp_path: Path) -> None:
 
 
 def test_replay_state_dict_round_trip() -> None:
-    gen = torch.Generator().manual_seed(1)
     replay = _replay(buffer_size=5)
-    replay.after_task(items(12), gen)
+    ctx = _ctx(items(12), seed=1)
+    replay.after_task(ctx)
     restored = _replay(buffer_size=5)
     restored.load_state_dict(replay.state_dict())
-    gen2 = torch.Generator()
-    gen2.set_state(gen.get_state())
-    assert restored.replayed_per_batch(16) == replay.replayed_per_batch(16) == 4
+    ctx2 = _ctx(items(12), seed=1)
+    ctx2.generator.set_state(ctx.generator.get_state())
+    assert restored.rows(ctx2) == replay.rows(ctx) == 4
     current = items(12, start=200)
-    assert torch.equal(replay.mix(current, 4, gen), restored.mix(current, 4, gen2))
+    assert torch.equal(replay.compose(current, ctx), restored.compose(current, ctx2))
 
 
 def test_empty_state_dict_round_trip() -> None:

@@ -9,11 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from adaptune.trainables.config import ModelConfig, StreamConfig
 from adaptune.trainables.errors import ConfigError
-from torch import nn
+from torch import Tensor, nn
 
 TINY = "tiny-gpt"
+
+
+def next_token_loss(logits: Tensor, blocks: Tensor) -> Tensor:
+    """Mean next-token cross-entropy (nats/token): logits (B, T, V), blocks (B, T)."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), blocks[:, 1:].reshape(-1))
 
 
 def _quiet_transformers() -> None:

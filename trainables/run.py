@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,14 @@ from adaptune.trainables.checkpoint import (
     load_progress,
     load_state,
     save_checkpoint,
-    split_state,
 )
-from adaptune.trainables.components import Components, build_components
-from adaptune.trainables.components.ewc import next_token_loss
+from adaptune.trainables.components import (
+    Component,
+    TaskContext,
+    build_components,
+    load_states,
+    states,
+)
 from adaptune.trainables.config import RunConfig
 from adaptune.trainables.data import TaskData, build_stream, build_task
 from adaptune.trainables.errors import ConfigError, TrainingDivergedError
@@ -39,6 +43,7 @@ from adaptune.trainables.model import (
     check_model_loadable,
     context_length,
     load_tokenizer,
+    next_token_loss,
     pretrain_dir,
 )
 from torch import Tensor, nn
@@ -146,15 +151,6 @@ def pretrained_model(prep: Prepared, device: torch.device) -> nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
 
 
-def _component_state(comps: Components) -> dict[str, Tensor]:
-    state: dict[str, Tensor] = {}
-    for name in ("replay", "ewc"):
-        comp = getattr(comps, name)
-        if comp is not None:
-            state |= {f"{name}.{k}": v for k, v in comp.state_dict().items()}
-    return state
-
-
 def run_stream(
     prep: Prepared,
     *,
@@ -181,82 +177,40 @@ def run_stream(
     cfg, tasks = prep.cfg, prep.tasks
     torch.set_num_threads(cfg.hardware.threads or threads or os.cpu_count() or 1)
     device = pick_device(cfg)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if cfg.hardware.bf16 and device.type == "cuda"
-        else nullcontext()
-    )
+    autocast = _autocast(cfg, device)
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)  # data order, replay draws, Fisher subsets
-    comps = build_components(cfg.components)
-
-    if resume_from is not None:
-        import transformers
-
-        progress = load_progress(resume_from)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            resume_from / "model", dtype=torch.float32
-        )
-    else:
-        progress = Progress(config=cfg.model_dump(mode="json"))
-        model = pretrained_model(prep, device)
-    model.to(device).train()
+    gen = torch.Generator().manual_seed(cfg.seed)  # batch order and every component's draws
+    comps = build_components(cfg.components)  # the active ones, in registry order
+    model, progress = _start(prep, device, resume_from)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    knows_something = cfg.model.name != TINY or cfg.model.pretrain is not None
-
-    def eval_row() -> tuple[list[float], float | None]:
-        row = [evaluate(model, t.eval, cfg.eval_batch_size, device) for t in tasks]
-        base = evaluate(model, prep.base.eval, cfg.eval_batch_size, device) if prep.base else None
-        return row, base
-
     if resume_from is not None:
-        state = load_state(resume_from)
-        for name in ("replay", "ewc"):
-            comp = getattr(comps, name)
-            if comp is not None:
-                comp.load_state_dict(split_state(state, name))
-        opt.load_state_dict(load_optimizer_state(resume_from))
-        torch.set_rng_state(state["rng.torch"])
-        gen.set_state(state["rng.data"])
+        _restore(resume_from, comps, opt, gen)
     else:
-        row, base = eval_row()
-        progress.loss_matrix.append(row)
-        if base is not None:
-            progress.base_losses.append(base)
+        _evaluate_row(prep, model, device, progress)  # row 0: before any training
 
     last = len(tasks) if stop_after is None else min(len(tasks), stop_after)
     for k in range(progress.tasks_done + 1, last + 1):  # k: 1-based task index
         task = tasks[k - 1]
-        if comps.distill is not None:
-            comps.distill.before_task(model, knows_something=knows_something or k > 1)
-        n_replay = comps.replay.replayed_per_batch(cfg.optim.batch_size) if comps.replay else 0
-        n_cur = cfg.optim.batch_size - n_replay
-        n_train = task.train.shape[0]
-        steps = max(1, math.ceil(cfg.optim.epochs * n_train / n_cur))
-        order = torch.cat(
-            [
-                torch.randperm(n_train, generator=gen)
-                for _ in range(math.ceil(steps * n_cur / n_train))
-            ]
-        )
+        ctx = _task_context(prep, model, gen, device, k)  # what every component hook sees
+        for comp in comps.values():
+            comp.before_task(ctx)
+        n_cur = cfg.optim.batch_size - sum(comp.rows(ctx) for comp in comps.values())
+        steps, order = _batch_order(cfg, task.train.shape[0], n_cur, gen)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
 
         t0 = time.perf_counter()
         tokens, loss_sum = 0, 0.0
         for step in range(steps):
             batch = task.train[order[step * n_cur : (step + 1) * n_cur]]
-            if comps.replay is not None:
-                batch = comps.replay.mix(batch, n_replay, gen)
+            for comp in comps.values():
+                batch = comp.compose(batch, ctx)
             batch = batch.to(device, non_blocking=True)  # (B, T)
             with autocast:
                 logits = model(input_ids=batch).logits  # (B, T, V)
                 ce = next_token_loss(logits, batch)
-                loss = ce
-                for comp in (comps.ewc, comps.distill):
-                    term = comp.penalty(model, batch, logits) if comp is not None else None
-                    if term is not None:
-                        loss = loss + term
+                terms = [comp.penalty(ctx, batch, logits) for comp in comps.values()]
+                loss = sum((t for t in terms if t is not None), ce)  # ce + t1 + t2 + ...
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingDivergedError(
@@ -272,48 +226,118 @@ def run_stream(
             loss_sum += float(ce.detach())
         if device.type == "cuda":
             torch.cuda.synchronize()
-        train_s = time.perf_counter() - t0
-
         t1 = time.perf_counter()
-        if comps.replay is not None:
-            comps.replay.after_task(task.train, gen)
-        if comps.ewc is not None and k < len(tasks):  # no later task needs the last Fisher
-            comps.ewc.after_task(model, task.train, gen)
-        after_s = time.perf_counter() - t1
-
+        for comp in comps.values():
+            comp.after_task(ctx)
         t2 = time.perf_counter()
-        row, base = eval_row()
-        eval_s = time.perf_counter() - t2
-        progress.loss_matrix.append(row)
-        if base is not None:
-            progress.base_losses.append(base)
+        _evaluate_row(prep, model, device, progress)
+        t3 = time.perf_counter()
         progress.tasks_done = k
         progress.trained_tokens += tokens
 
-        metrics = _task_metrics(prep, progress, k)
-        metrics |= {
+        metrics = _task_metrics(prep, progress, k) | {
             "train_loss": loss_sum / steps,
             "train_tokens": progress.trained_tokens,
-            "train_tokens_per_s": tokens / train_s,
-            "train_time_s": train_s,
-            "after_task_time_s": after_s,
-            "eval_time_s": eval_s,
+            "train_tokens_per_s": tokens / (t1 - t0),
+            "train_time_s": t1 - t0,
+            "after_task_time_s": t2 - t1,
+            "eval_time_s": t3 - t2,
             "steps": steps,
         }
-        state = _component_state(comps)
-        state["rng.torch"] = torch.get_rng_state()
-        state["rng.data"] = gen.get_state()
         with tempfile.TemporaryDirectory(prefix="adaptune-ckpt-") as tmp:
-            ckpt = save_checkpoint(
-                Path(tmp),
-                model=model,
-                tokenizer=prep.tokenizer,
-                optimizer=opt,
-                state=state,
-                progress=progress,
-            )
-            report(metrics, ckpt)
+            report(metrics, _checkpoint(Path(tmp), prep, model, opt, comps, gen, progress))
     return progress
+
+
+def _task_context(
+    prep: Prepared, model: nn.Module, gen: torch.Generator, device: torch.device, k: int
+) -> TaskContext:
+    cfg = prep.cfg
+    return TaskContext(
+        model=model,
+        train_blocks=prep.tasks[k - 1].train,
+        generator=gen,
+        device=device,
+        k=k,
+        n_tasks=len(prep.tasks),
+        batch_size=cfg.optim.batch_size,
+        pretrained=cfg.model.name != TINY or cfg.model.pretrain is not None,
+    )
+
+
+def _autocast(cfg: RunConfig, device: torch.device) -> AbstractContextManager[Any]:
+    if cfg.hardware.bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _start(
+    prep: Prepared, device: torch.device, resume_from: Path | None
+) -> tuple[nn.Module, Progress]:
+    """The model to train (in training mode, on ``device``) and the progress so far."""
+    if resume_from is None:
+        progress = Progress(config=prep.cfg.model_dump(mode="json"))
+        model = pretrained_model(prep, device)
+    else:
+        import transformers
+
+        progress = load_progress(resume_from)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            resume_from / "model", dtype=torch.float32
+        )
+    return model.to(device).train(), progress
+
+
+def _restore(
+    path: Path,
+    comps: dict[str, Component],
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> None:
+    """Components, optimizer and both RNGs as the checkpoint at ``path`` left them."""
+    state = load_state(path)
+    load_states(comps, state)
+    opt.load_state_dict(load_optimizer_state(path))
+    torch.set_rng_state(state["rng.torch"])
+    gen.set_state(state["rng.data"])
+
+
+def _checkpoint(
+    path: Path,
+    prep: Prepared,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    comps: dict[str, Component],
+    gen: torch.Generator,
+    progress: Progress,
+) -> Path:
+    """Everything :func:`_start` and :func:`_restore` need to continue exactly from here."""
+    state = states(comps)
+    state["rng.torch"] = torch.get_rng_state()
+    state["rng.data"] = gen.get_state()
+    return save_checkpoint(
+        path, model=model, tokenizer=prep.tokenizer, optimizer=opt, state=state, progress=progress
+    )
+
+
+def _evaluate_row(
+    prep: Prepared, model: nn.Module, device: torch.device, progress: Progress
+) -> None:
+    """Append the loss on every task (and on the pretrain domain) to ``progress``."""
+    batch_size = prep.cfg.eval_batch_size
+    progress.loss_matrix.append([evaluate(model, t.eval, batch_size, device) for t in prep.tasks])
+    if prep.base is not None:
+        progress.base_losses.append(evaluate(model, prep.base.eval, batch_size, device))
+
+
+def _batch_order(
+    cfg: RunConfig, n_train: int, n_cur: int, gen: torch.Generator
+) -> tuple[int, Tensor]:
+    """Steps of one task and the order its blocks are drawn in, ``n_cur`` per step: whole
+    permutations, as many as the steps need (more than one when ``epochs`` > 1)."""
+    steps = max(1, math.ceil(cfg.optim.epochs * n_train / n_cur))
+    perms = math.ceil(steps * n_cur / n_train)
+    return steps, torch.cat([torch.randperm(n_train, generator=gen) for _ in range(perms)])
 
 
 def _task_metrics(prep: Prepared, progress: Progress, k: int) -> dict[str, Any]:

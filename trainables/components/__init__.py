@@ -1,41 +1,57 @@
 """Continual-learning components, each switched off by its hyperparameter being 0.
 
-Each one needs two or three hooks and keeps its own state (``state_dict``/``load_state_dict``
-for checkpoints): ``Replay.mix`` builds batches, ``EWC.penalty`` and ``Distillation.penalty``
-return a loss term, ``after_task``/``before_task`` update their state at task boundaries.
+Every component follows :class:`~adaptune.trainables.components.base.Component` and is listed
+once in :data:`REGISTRY`; the training loop knows them only through that protocol.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from typing import Any
 
+from adaptune.trainables.checkpoint import split_state
+from adaptune.trainables.components.base import Component, TaskContext
 from adaptune.trainables.components.distill import Distillation
 from adaptune.trainables.components.ewc import EWC
 from adaptune.trainables.components.replay import Replay
 from adaptune.trainables.config import ComponentsConfig
+from torch import Tensor
 
+__all__ = ["REGISTRY", "Component", "TaskContext", "build_components", "load_states", "states"]
 
-@dataclass(frozen=True)
-class Components:
-    replay: Replay | None
-    ewc: EWC | None
-    distill: Distillation | None
+# (class built from its config, whether that config switches it on)
+Registration = tuple[Callable[[Any], Component], Callable[[Any], bool]]
 
-    def active(self) -> list[str]:
-        return [name for name in REGISTRY if getattr(self, name) is not None]
-
-
-# name -> (class, the hyperparameter that switches it off at 0)
-REGISTRY: dict[str, tuple[type, str]] = {
-    "replay": (Replay, "buffer_size"),
-    "ewc": (EWC, "ewc_lambda"),
-    "distill": (Distillation, "distill_alpha"),
+# name (= its field of ComponentsConfig and its checkpoint key prefix) -> registration.
+# The order is the order of every hook call, and it matters: replay's rows go into the batch
+# the penalties see, and replay's reservoir draws from the generator before EWC's Fisher subset.
+REGISTRY: dict[str, Registration] = {
+    "replay": (Replay, lambda c: c.buffer_size > 0),
+    "ewc": (EWC, lambda c: c.ewc_lambda > 0),
+    "distill": (Distillation, lambda c: c.distill_alpha > 0),
 }
 
 
-def build_components(cfg: ComponentsConfig) -> Components:
+def build_components(cfg: ComponentsConfig) -> dict[str, Component]:
+    """The active components, in registry order, keyed by name."""
     built = {}
-    for name, (cls, switch) in REGISTRY.items():
+    for name, (cls, active) in REGISTRY.items():
         sub = getattr(cfg, name)
-        built[name] = cls(sub) if getattr(sub, switch) > 0 else None
-    return Components(**built)
+        if active(sub):
+            built[name] = cls(sub)
+    return built
+
+
+def states(components: Mapping[str, Component]) -> dict[str, Tensor]:
+    """Every component's state in one flat dict, keys ``"<name>.<key>"``."""
+    return {
+        f"{name}.{key}": value
+        for name, comp in components.items()
+        for key, value in comp.state_dict().items()
+    }
+
+
+def load_states(components: Mapping[str, Component], state: dict[str, Tensor]) -> None:
+    """Give each component back its part of a flat dict written by :func:`states`."""
+    for name, comp in components.items():
+        comp.load_state_dict(split_state(state, name))

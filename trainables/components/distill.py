@@ -6,6 +6,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from adaptune.trainables.components.base import Component, TaskContext
 from adaptune.trainables.config import DistillConfig
 from torch import Tensor, nn
 
@@ -23,29 +24,27 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     return temperature**2 * kl
 
 
-class Distillation:
-    """Component: teacher = frozen copy of the model at the start of each task.
+class Distillation(Component):
+    """Teacher = frozen copy of the model at the start of each task.
 
     The penalty covers the whole batch, current and replayed blocks alike. On the first task of a
     randomly initialised model there is nothing to preserve, so the teacher is taken only when
     the model already knows something (a later task, or a pretrained/loaded base model).
     """
 
-    name = "distill"
-
     def __init__(self, cfg: DistillConfig) -> None:
-        self.alpha = cfg.distill_alpha
+        self.distill_alpha = cfg.distill_alpha
         self.temperature = cfg.temperature
         self.teacher: nn.Module | None = None
 
-    def before_task(self, model: nn.Module, *, knows_something: bool) -> None:
+    def before_task(self, ctx: TaskContext) -> None:
         self.teacher = None
-        if knows_something:
-            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        if ctx.knows_something:
+            self.teacher = copy.deepcopy(ctx.model).eval().requires_grad_(False)
 
-    def penalty(self, model: nn.Module, batch: Tensor, logits: Tensor) -> Tensor | None:
+    def penalty(self, ctx: TaskContext, batch: Tensor, logits: Tensor) -> Tensor | None:
         if self.teacher is None:
             return None
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=batch).logits  # (B, T, V)
-        return self.alpha * distillation_loss(logits, teacher_logits, self.temperature)
+        return self.distill_alpha * distillation_loss(logits, teacher_logits, self.temperature)

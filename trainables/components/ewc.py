@@ -20,17 +20,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
+from adaptune.trainables.components.base import Component, TaskContext
 from adaptune.trainables.config import EWCConfig
+from adaptune.trainables.model import next_token_loss
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
-
-
-def next_token_loss(logits: Tensor, blocks: Tensor) -> Tensor:
-    """Mean next-token cross-entropy (nats/token): logits (B, T, V), blocks (B, T)."""
-    vocab = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), blocks[:, 1:].reshape(-1))
 
 
 def estimate_fisher(model: nn.Module, blocks: Tensor) -> dict[str, Tensor]:
@@ -116,47 +111,50 @@ def _no_padding_check(model: nn.Module) -> Iterator[None]:
 
 
 def ewc_penalty(
-    params: dict[str, Tensor], precision: dict[str, Tensor], anchor: dict[str, Tensor], lam: float
+    params: dict[str, Tensor],
+    precision: dict[str, Tensor],
+    anchor: dict[str, Tensor],
+    ewc_lambda: float,
 ) -> Tensor:
     """``λ/2 · Σ precision · (θ − anchor)²`` over the named parameters."""
     total = torch.zeros((), dtype=torch.float32, device=next(iter(params.values())).device)
     for n, a in precision.items():
         total = total + (a * (params[n].float() - anchor[n]) ** 2).sum()
-    return 0.5 * lam * total
+    return 0.5 * ewc_lambda * total
 
 
-class EWC:
-    """Component: Fisher and anchor after each task, quadratic penalty while training the next."""
-
-    name = "ewc"
+class EWC(Component):
+    """Fisher and anchor after each task, quadratic penalty while training the next."""
 
     def __init__(self, cfg: EWCConfig) -> None:
-        self.lam = cfg.ewc_lambda
-        self.mode = cfg.ewc_mode
-        self.gamma = cfg.ewc_gamma
-        self.samples = cfg.fisher_samples
+        self.ewc_lambda = cfg.ewc_lambda
+        self.ewc_mode = cfg.ewc_mode
+        self.ewc_gamma = cfg.ewc_gamma
+        self.fisher_samples = cfg.fisher_samples
         self.precision: dict[str, Tensor] = {}  # A = Σ F_t (separate) or F* (online)
         self.anchor: dict[str, Tensor] = {}  # μ = Σ F_t θ_t / Σ F_t, or the latest θ (online)
         self.constant = 0.0  # Σ of the cross terms, so the penalty value is exact (separate)
 
-    def penalty(self, model: nn.Module, batch: Tensor, logits: Tensor) -> Tensor | None:
+    def penalty(self, ctx: TaskContext, batch: Tensor, logits: Tensor) -> Tensor | None:
         if not self.precision:
             return None
-        self._to(next(model.parameters()).device)
-        params = dict(model.named_parameters())
-        return ewc_penalty(params, self.precision, self.anchor, self.lam) + 0.5 * self.lam * (
-            self.constant
+        self._to(ctx.device)
+        params = dict(ctx.model.named_parameters())
+        return ewc_penalty(params, self.precision, self.anchor, self.ewc_lambda) + (
+            0.5 * self.ewc_lambda * self.constant
         )
 
-    def after_task(
-        self, model: nn.Module, train_blocks: Tensor, generator: torch.Generator
-    ) -> None:
-        n = min(self.samples, train_blocks.shape[0])
-        idx = torch.randperm(train_blocks.shape[0], generator=generator)[:n]
-        device = next(model.parameters()).device
-        self._to(device)
-        fisher = estimate_fisher(model, train_blocks[idx].to(device))
-        theta = {k: p.detach().float().clone() for k, p in model.named_parameters() if k in fisher}
+    def after_task(self, ctx: TaskContext) -> None:
+        if ctx.k == ctx.n_tasks:
+            return  # no later task is trained against this Fisher
+        blocks = ctx.train_blocks
+        n = min(self.fisher_samples, blocks.shape[0])
+        idx = torch.randperm(blocks.shape[0], generator=ctx.generator)[:n]
+        self._to(ctx.device)
+        fisher = estimate_fisher(ctx.model, blocks[idx].to(ctx.device))
+        theta = {
+            k: p.detach().float().clone() for k, p in ctx.model.named_parameters() if k in fisher
+        }
         self.consolidate(fisher, theta)
 
     def consolidate(self, fisher: dict[str, Tensor], theta: dict[str, Tensor]) -> None:
@@ -165,8 +163,8 @@ class EWC:
             # copies: the separate-mode update below assigns into these dicts
             self.precision, self.anchor = dict(fisher), dict(theta)
             return
-        if self.mode == "online":
-            self.precision = {k: self.gamma * a + fisher[k] for k, a in self.precision.items()}
+        if self.ewc_mode == "online":
+            self.precision = {k: self.ewc_gamma * a + fisher[k] for k, a in self.precision.items()}
             self.anchor = dict(theta)
             return
         # A(θ−μ)² + F(θ−θ*)² = A'(θ−μ')² + (A·F/A')(μ−θ*)² with A' = A + F.

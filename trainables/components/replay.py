@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from adaptune.trainables.components.base import Component, TaskContext
 from adaptune.trainables.config import ReplayConfig
 from torch import Tensor
 
@@ -58,29 +59,29 @@ class ReservoirBuffer:
         self.blocks = state.get("blocks")
 
 
-class Replay:
-    """Component: mixes ``replay_fraction`` of each batch from the buffer, fills it after a task."""
-
-    name = "replay"
+class Replay(Component):
+    """Mixes ``replay_fraction`` of each batch from the buffer; offers it each task's blocks."""
 
     def __init__(self, cfg: ReplayConfig) -> None:
-        self.fraction = cfg.replay_fraction
+        self.replay_fraction = cfg.replay_fraction
         self.buffer = ReservoirBuffer(cfg.buffer_size)
 
-    def replayed_per_batch(self, batch_size: int) -> int:
-        """Blocks of a ``batch_size`` batch that come from the buffer (0 while it is empty)."""
+    def rows(self, ctx: TaskContext) -> int:
+        """Blocks of each batch that come from the buffer (0 while it is empty); at least one
+        block of every batch stays from the current task."""
         if len(self.buffer) == 0:
             return 0
-        return min(batch_size - 1, round(self.fraction * batch_size))
+        return min(ctx.batch_size - 1, round(self.replay_fraction * ctx.batch_size))
 
-    def mix(self, current: Tensor, n_replay: int, generator: torch.Generator) -> Tensor:
-        if n_replay == 0:
-            return current
-        old = self.buffer.sample(n_replay, generator).to(current.device)
-        return torch.cat([current, old], dim=0)  # (B, block_size)
+    def compose(self, batch: Tensor, ctx: TaskContext) -> Tensor:
+        n = self.rows(ctx)
+        if n == 0:
+            return batch
+        old = self.buffer.sample(n, ctx.generator).to(batch.device)
+        return torch.cat([batch, old], dim=0)  # the rows so far, then n replayed
 
-    def after_task(self, train_blocks: Tensor, generator: torch.Generator) -> None:
-        self.buffer.add(train_blocks, generator)
+    def after_task(self, ctx: TaskContext) -> None:
+        self.buffer.add(ctx.train_blocks, ctx.generator)
 
     def state_dict(self) -> dict[str, Tensor]:
         return self.buffer.state_dict()
