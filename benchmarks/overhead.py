@@ -40,7 +40,7 @@
 7. The floor (``--only floor``): the CPU of each process but the trial worker, in % of the
    one core they share (``taskset``), while a trial runs: Ray Tune alone with a function trial
    that only sleeps, first with Ray's defaults and then with the environment ``adaptune search``
-   gives a local cluster (``search.tuner.LOCAL_RAY_ENV``) and Tune's controller waiting for
+   gives a local cluster (``search.local_ray.LOCAL_RAY_ENV``) and Tune's controller waiting for
    events as in ``adaptune search`` (``search.tune_loop``), then ``adaptune search`` itself with
    2 quickstart trials (from the first trial's start to the last one's end).
 
@@ -568,11 +568,11 @@ def _run_sampled(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[CpuSer
 def floor(tmp: Path, seconds: float, trials: int, overrides: list[str]) -> dict[str, Any]:
     """Ray's and Tune's background CPU, each command pinned to one core: (1) Ray Tune alone
     with a sleeping trial, Ray's defaults; (2) the same with the environment ``adaptune search``
-    gives a local cluster (``search.tuner.LOCAL_RAY_ENV``) and its patient controller loop
+    gives a local cluster (``search.local_ray.LOCAL_RAY_ENV``) and its patient controller loop
     (``search.tune_loop``); (3) ``adaptune search`` itself with
     ``trials`` quickstart trials, everything but the trial worker between the first trial's
     start and the last one's end."""
-    from adaptune.search.tuner import LOCAL_RAY_ENV
+    from adaptune.search.local_ray import LOCAL_RAY_ENV
 
     core = str(sorted(os.sched_getaffinity(0))[0])
     base = {k: v for k, v in os.environ.items() if k not in LOCAL_RAY_ENV}
@@ -921,8 +921,8 @@ def startup_steps(tmp: Path) -> None:
     import adaptune.search.cli  # noqa: F401  (what the `adaptune` entry point imports)
 
     lap("import the CLI (search, pydantic, yaml)")
+    from adaptune.search.checks import check_search
     from adaptune.search.experiment import load_experiment
-    from adaptune.search.tuner import check_search
 
     exp = load_experiment(
         EXPERIMENT,

@@ -103,8 +103,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from adaptune.search.checks import check_search
+    from adaptune.search.describe import describe_search
     from adaptune.search.experiment import load_experiment
-    from adaptune.search.tuner import check_search, describe_search, format_table, run_search
+    from adaptune.search.summary import format_table
+    from adaptune.search.tuner import run_search
 
     overrides = [*args.set, *([f"name={args.name}"] if args.name else [])]
     if args.max_failures is not None:
@@ -213,10 +216,10 @@ def console_main() -> None:
     """The ``adaptune`` console script: :func:`main`, then a fast exit.
 
     Tearing down an interpreter that holds torch, transformers, MLflow and Ray (freeing every
-    module's objects one by one) takes 2-4 s on 2 cores after the work is done and the output
-    printed. The exit handlers still run (Ray's shutdown, MLflow's and logging's flushes), then
-    the process leaves without that teardown. An exception out of :func:`main` takes Python's
-    usual exit, traceback and all.
+    module's objects one by one) takes seconds after the work is done and the output printed
+    (docs/benchmarks.md). The exit handlers still run (Ray's shutdown, MLflow's and logging's
+    flushes), then the process leaves without that teardown. An exception out of :func:`main`
+    takes Python's usual exit, traceback and all.
     """
     code = main()
     try:

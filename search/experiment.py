@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from adaptune.search.stores import DEFAULT_TRACKING_URI
 from adaptune.spaces import check_space
+from adaptune.spaces.paths import set_path
 from adaptune.trainables.config import (
     HYPERPARAMETERS,
     RunConfig,
@@ -21,7 +22,15 @@ from adaptune.trainables.config import (
     register_schema,
 )
 from adaptune.trainables.errors import ConfigError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from adaptune.trainables.metrics import direction
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class _Strict(BaseModel):
@@ -38,11 +47,24 @@ class SearchConfig(_Strict):
     reduction_factor: float = Field(2.0, gt=1)
     time_budget_s: float | None = Field(None, gt=0)
     metric: str = "stream_loss"  # the objective, a metric the trainable reports
+    # default: the metric's better direction; a search refuses a mode against it
     mode: Literal["min", "max"] = "min"
     # Ray retries a failed trial from its last checkpoint this many times. Ray counts every
     # failure, so a divergence fails again on each retry (resumed with the same RNG state; it
     # costs at most one task); no -1 (Ray's "forever"), which would loop on such a trial.
     max_failures: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_from_metric(cls, data: Any) -> Any:
+        """An absent ``mode`` is the metric's better direction (``bwt``: max). An unknown
+        metric keeps the default; the search refuses the metric itself."""
+        if isinstance(data, dict) and data.get("mode") is None:
+            metric = data.get("metric", cls.model_fields["metric"].default)
+            better = direction(metric) if isinstance(metric, str) else None
+            if better is not None:
+                data = {**data, "mode": better}
+        return data
 
 
 class ResourcesConfig(_Strict):
@@ -62,7 +84,8 @@ class Experiment(_Strict):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     run: RunConfig
-    space: dict[str, Any] = Field(default_factory=dict)  # name -> Dist or a fixed value
+    # name -> Dist or a fixed value: parsed here, once (presets expanded); used as it is
+    space: dict[str, Any] = Field(default_factory=dict)
     search: SearchConfig = SearchConfig()
     resources: ResourcesConfig = ResourcesConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -125,12 +148,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         path = ("run", *HYPERPARAMETERS[key]) if key in HYPERPARAMETERS else tuple(key.split("."))
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
-        node[path[-1]] = yaml.safe_load(raw)
+        try:
+            set_path(data, path, yaml.safe_load(raw))
+        except TypeError as err:
+            raise ConfigError(f"--set {item!r}: {err}") from None
     return data
 
 

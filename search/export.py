@@ -27,16 +27,18 @@ from typing import Any
 import yaml
 from adaptune.search.experiment import Experiment, experiment_yaml, parse_experiment
 from adaptune.search.stores import DEFAULT_TRACKING_URI, existing_store
+from adaptune.search.tags import (
+    CHAMPION_TAG,
+    KIND_SEARCH,
+    KIND_TAG,
+    PARENT_TAG,
+    TASKS_DONE_TAG,
+    TRIAL_TAG,
+)
 from adaptune.spaces import Dist
-from adaptune.spaces.tune import parse_space
-from adaptune.trainables.config import HYPERPARAMETERS
+from adaptune.spaces.paths import get_hp, set_hp
 from adaptune.trainables.errors import ConfigError
 
-# search.tracking's tags (it imports Ray and MLflow: loaded only when a command runs)
-PARENT_TAG = "mlflow.parentRunId"
-TRIAL_TAG = "adaptune.trial_id"
-CHAMPION_TAG = "adaptune.champion_trial_id"  # set on the parent run by search.tuner
-KIND_TAG = "adaptune.kind"  # "search" on parent runs, "trial" on child runs
 EXPERIMENT_ARTIFACT = "experiment.yaml"  # the resolved experiment, logged on the parent run
 
 
@@ -86,7 +88,7 @@ def find_search(client: Any, experiment_name: str) -> Any:
         raise ConfigError(f"no MLflow experiment named {experiment_name!r}{valid}")
     parents = [
         r
-        for r in _all_runs(client, [found.experiment_id], f"tags.`{KIND_TAG}` = 'search'")
+        for r in _all_runs(client, [found.experiment_id], f"tags.`{KIND_TAG}` = '{KIND_SEARCH}'")
         if PARENT_TAG not in r.data.tags
     ]
     finished = [r for r in parents if r.info.status == "FINISHED"]
@@ -113,8 +115,8 @@ def read_experiment(client: Any, parent: Any) -> Experiment:
     """The experiment the search ran, from the YAML artifact on its parent run."""
     run_id = parent.info.run_id
     bar = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # one small file: no progress bar on stderr
-    saved = os.environ.get(bar)
-    os.environ[bar] = "false"
+    ours = bar not in os.environ  # a value the user set stays
+    os.environ.setdefault(bar, "false")
     with tempfile.TemporaryDirectory(prefix="adaptune-export-") as tmp:
         try:
             local = client.download_artifacts(run_id, EXPERIMENT_ARTIFACT, tmp)
@@ -124,10 +126,8 @@ def read_experiment(client: Any, parent: Any) -> Experiment:
                 f"run {run_id}: no {EXPERIMENT_ARTIFACT} artifact; is it an adaptune search run?"
             ) from None
         finally:
-            if saved is None:
+            if ours:
                 os.environ.pop(bar, None)
-            else:
-                os.environ[bar] = saved
     data = yaml.safe_load(text)
     if not isinstance(data, dict):
         raise ConfigError(f"run {run_id}: {EXPERIMENT_ARTIFACT} does not hold a mapping")
@@ -185,7 +185,7 @@ def resolve(
             parent = _get_run(client, parent_id)
             exp = read_experiment(client, parent)
             if run.info.status != "FINISHED":
-                done = run.data.tags.get("adaptune.tasks_done", "?")
+                done = run.data.tags.get(TASKS_DONE_TAG, "?")
                 raise ConfigError(
                     f"--run-id: trial {run.data.tags.get(TRIAL_TAG, run_id)} did not finish "
                     f"(status {run.info.status}, {done} of {len(exp.run.stream.tasks)} tasks); "
@@ -195,25 +195,11 @@ def resolve(
     else:
         assert experiment_name is not None
         parent = find_search(client, experiment_name)
-    if parent.data.tags.get(KIND_TAG) != "search":
+    if parent.data.tags.get(KIND_TAG) != KIND_SEARCH:
         raise ConfigError(f"run {parent.info.run_id} is not an adaptune search run")
     exp = read_experiment(client, parent)
     child, how = pick_winner(client, parent, exp)
     return parent, child, exp, how
-
-
-def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    node = data
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-    node[path[-1]] = value
-
-
-def _get(data: dict[str, Any], path: tuple[str, ...]) -> Any:
-    node: Any = data
-    for part in path:
-        node = node[part]
-    return node
 
 
 def fixed_experiment(
@@ -228,22 +214,21 @@ def fixed_experiment(
         (the fixed experiment, the trial's values by name, its threads, the device written)
     """
     data = exp.model_dump(mode="json", exclude_none=True)
-    space = parse_space(dict(exp.space))
     params = child.data.params
     trial = child.data.tags.get(TRIAL_TAG, child.info.run_id)
-    for key, spec in space.items():
+    for key, spec in exp.space.items():
         if key in params:
             value: Any = params[key]  # a string; the schema below gives it its type
         elif isinstance(spec, Dist):
             raise ConfigError(f"trial {trial}: no MLflow param {key!r}, a searched value")
         else:
             value = spec
-        _set(data["run"], HYPERPARAMETERS[key], value)
+        set_hp(data["run"], key, value)
 
     metrics = child.data.metrics
     hardware = data["run"].setdefault("hardware", {})
     threads = metrics.get("threads")
-    if threads is None:  # logged by trainables.trainable since `threads` was added
+    if threads is None:  # a run that did not log it: the threads the trial was given
         threads = exp.run.hardware.threads or max(1, int(exp.resources.cpus_per_trial))
     hardware["threads"] = int(threads)
     cuda = metrics.get("cuda")
@@ -253,9 +238,8 @@ def fixed_experiment(
     data["space"] = {}
     data["name"] = name or f"{exp.name}-best"
     fixed = parse_experiment(data, source=f"trial {trial}")
-    values = {
-        key: _get(fixed.run.model_dump(mode="json"), HYPERPARAMETERS[key]) for key in space
-    }
+    run = fixed.run.model_dump(mode="json")
+    values = {key: get_hp(run, key) for key in exp.space}
     return fixed, values, int(threads), fixed.run.hardware.device
 
 
@@ -333,7 +317,7 @@ def export_best(
         metric=exp.search.metric,
         mode=exp.search.mode,
         value=_objective(child, exp.search.metric),
-        tasks_done=int(child.data.tags.get("adaptune.tasks_done", 0) or 0),
+        tasks_done=int(child.data.tags.get(TASKS_DONE_TAG, 0) or 0),
         params=values,
         threads=threads,
         device=device,

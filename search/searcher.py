@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from adaptune.search.tags import LOST_RAY_TRIAL_ATTR
+from adaptune.spaces.paths import from_tune_key, tune_key
 from adaptune.trainables.config import HYPERPARAMETERS
 from ray.air.constants import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
-
-_BY_PATH = {"/".join(path): name for name, path in HYPERPARAMETERS.items()}
 
 
 class ContinualOptunaSearch(OptunaSearch):
@@ -63,7 +63,7 @@ class ContinualOptunaSearch(OptunaSearch):
     @staticmethod
     def convert_search_space(spec: dict[str, Any]) -> dict[str, Any]:
         converted = OptunaSearch.convert_search_space(spec)
-        return {_BY_PATH.get(path, path): dist for path, dist in converted.items()}
+        return {from_tune_key(path): dist for path, dist in converted.items()}
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if trial_id not in self._ot_trials and self._orphans:
@@ -72,8 +72,9 @@ class ContinualOptunaSearch(OptunaSearch):
         if not isinstance(flat, dict):
             return flat  # None or Searcher.FINISHED
         self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
-        paths = {k: "/".join(HYPERPARAMETERS[k]) if k in HYPERPARAMETERS else k for k in flat}
-        return unflatten_dict({paths[k]: v for k, v in flat.items()})
+        return unflatten_dict(
+            {tune_key(k) if k in HYPERPARAMETERS else k: v for k, v in flat.items()}
+        )
 
     # -- trial states -------------------------------------------------------------------------
     def _step(self, result: dict[str, Any]) -> int | None:
@@ -152,7 +153,7 @@ class ContinualOptunaSearch(OptunaSearch):
         storage_id = self._storage_id(self._orphans.pop(0))
         ot_trial = optuna.Trial(self.study, storage_id)
         lost = ot_trial.user_attrs.get("ray_trial_id")
-        ot_trial.set_user_attr("adaptune.lost_ray_trial_id", lost)
+        ot_trial.set_user_attr(LOST_RAY_TRIAL_ATTR, lost)
         self._ot_trials[trial_id] = ot_trial
         # the lost run's reports stand (Optuna keeps the first value reported for a step)
         self._reported[trial_id] = set(self._storage.get_trial(storage_id).intermediate_values)

@@ -33,24 +33,36 @@ from pathlib import Path
 from typing import Any
 
 from adaptune.search.stores import resolve_tracking_uri, sqlite_file
-from adaptune.trainables.config import HYPERPARAMETERS
+from adaptune.search.tags import (
+    ERROR_TAG,
+    FAILURES_TAG,
+    GIT_COMMIT_TAG,
+    HASH_TAG,
+    HOSTNAME_TAG,
+    KIND_SEARCH,
+    KIND_TAG,
+    KIND_TRIAL,
+    LAST_FAILURE_TAG,
+    LOST_TAG,
+    NODE_ID_TAG,
+    NODE_IP_TAG,
+    OBJECTIVE_TAG,
+    PARENT_TAG,
+    PID_TAG,
+    RESUMES_TAG,
+    STARTS_TAG,
+    TASKS_DONE_TAG,
+    TRIAL_TAG,
+)
+from adaptune.spaces.paths import get_hp
 from adaptune.trainables.errors import TrainingDivergedError
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-PARENT_TAG = "mlflow.parentRunId"
-TRIAL_TAG = "adaptune.trial_id"
-HASH_TAG = "adaptune.experiment_hash"
-ERROR_TAG = "adaptune.error"  # one line: `Type: message (during task k/T 'name')`
-FAILURES_TAG = "adaptune.failures"  # times Ray retried the trial (FailureConfig)
-STARTS_TAG = "adaptune.starts"  # times Ray started the trial: first start, retries, resumes
-LOST_TAG = "adaptune.lost_trial_id"  # on an adopted run: the Ray trial id it started under
-NODE_ID_TAG = "adaptune.node_id"  # the Ray node of the trial's latest result
-PID_TAG = "adaptune.pid"  # the process of the trial's latest result (Ray's worker)
 # result field -> child-run tag: where the trial ran (node_id from the trainable, the rest Ray's)
-_WHERE_TAGS = {"node_id": NODE_ID_TAG, "node_ip": "adaptune.node_ip",
-               "hostname": "adaptune.hostname", "pid": PID_TAG}
+_WHERE_TAGS = {"node_id": NODE_ID_TAG, "node_ip": NODE_IP_TAG, "hostname": HOSTNAME_TAG,
+               "pid": PID_TAG}
 ERROR_ARTIFACT = "error.txt"  # Ray's error file: every failure with its traceback
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Ray's bookkeeping values that are numbers but not measurements
@@ -104,13 +116,7 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def searched_params(config: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """The trial's values for ``names`` (flat hyperparameter names), read from the nested config."""
-    params = {}
-    for name in names:
-        node: Any = config
-        for part in HYPERPARAMETERS[name]:
-            node = node[part]
-        params[name] = node
-    return params
+    return {name: get_hp(config, name) for name in names}
 
 
 def loss_matrix_figure(matrix: list[list[float]], task_names: list[str]) -> Any:
@@ -246,13 +252,13 @@ class MlflowTrackingCallback(Callback):
         s = self.exp.search
         tags = {
             HASH_TAG: experiment_hash(self.experiment_yaml),
-            "adaptune.kind": "search",
-            "adaptune.objective": f"{s.metric} ({s.mode})",
+            KIND_TAG: KIND_SEARCH,
+            OBJECTIVE_TAG: f"{s.metric} ({s.mode})",
             **self.extra_tags,
         }
         commit = git_commit()
         if commit:
-            tags["mlflow.source.git.commit"] = commit
+            tags[GIT_COMMIT_TAG] = commit
         run = self.client.create_run(
             self.experiment_id, run_name=f"search-{self.exp.name}", tags=tags
         )
@@ -272,8 +278,8 @@ class MlflowTrackingCallback(Callback):
         """Reuse the parent run of an interrupted search (``--resume``); marks it RUNNING."""
         run = self.client.get_run(run_id)
         self.parent_run_id, self.experiment_id = run_id, str(run.info.experiment_id)
-        resumes = int(run.data.tags.get("adaptune.resumes", "0")) + 1
-        self.client.set_tag(run_id, "adaptune.resumes", str(resumes))
+        resumes = int(run.data.tags.get(RESUMES_TAG, "0")) + 1
+        self.client.set_tag(run_id, RESUMES_TAG, str(resumes))
         self.client.update_run(run_id, status="RUNNING")
         return run_id
 
@@ -304,7 +310,7 @@ class MlflowTrackingCallback(Callback):
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=f"{self.exp.name}-{trial_id}",
-                tags={PARENT_TAG: parent, TRIAL_TAG: trial_id, "adaptune.kind": "trial"},
+                tags={PARENT_TAG: parent, TRIAL_TAG: trial_id, KIND_TAG: KIND_TRIAL},
             )
             run_id = run.info.run_id
             params = searched_params(trial.config, self.param_names)
@@ -354,7 +360,7 @@ class MlflowTrackingCallback(Callback):
             fig = loss_matrix_figure(matrix, self.task_names)
             self.client.log_figure(run_id, fig, "loss_matrix.png")
             plt.close(fig)
-        tags = [RunTag("adaptune.tasks_done", str(last.get("task_index", 0)))]
+        tags = [RunTag(TASKS_DONE_TAG, str(last.get("task_index", 0)))]
         failures = getattr(trial, "num_failures", 0)
         if failures:
             tags.append(RunTag(FAILURES_TAG, str(failures)))
@@ -399,7 +405,7 @@ class MlflowTrackingCallback(Callback):
         run_id = self.child_run_id(trial)
         line, text = describe_error(trial, self.task_names)
         self.client.set_tag(run_id, FAILURES_TAG, str(getattr(trial, "num_failures", 1)))
-        self.client.set_tag(run_id, "adaptune.last_failure", line)
+        self.client.set_tag(run_id, LAST_FAILURE_TAG, line)
         self.client.log_text(run_id, text, ERROR_ARTIFACT)
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:

@@ -5,8 +5,8 @@ Ray Tune's ``TuneController.step`` (read in Ray 2.60) waits at most 0.1 s for th
 its whole step again: the searcher and scheduler checks, the experiment-snapshot clock, the
 callbacks' ``on_step_begin``/``on_step_end``. While trials compute, nothing happens in most of
 those passes, yet each one wakes the driver and several of Ray's threads, which preempt the
-trials on a busy machine: 1.0-1.5 % of a core for the driver alone
-(``benchmarks/overhead.py --only floor``).
+trials on a busy machine (docs/benchmarks.md, "The floor": ``benchmarks/overhead.py --only
+floor``).
 
 An event still ends the wait at once (``ray.wait`` returns on the first ready future: a result,
 a checkpoint, an actor that started or stopped, a placement group that became ready), so a

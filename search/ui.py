@@ -51,15 +51,11 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from adaptune.search.stores import DEFAULT_TRACKING_URI, existing_store
+from adaptune.search.tags import KIND_SEARCH, KIND_TAG, PARENT_TAG, TASKS_DONE_TAG
 from adaptune.trainables.errors import ConfigError
+from adaptune.trainables.metrics import HEADLINE_METRICS
 
-# Tags written by search/tracking.py (not imported: that module pulls in Ray).
-KIND_TAG = "adaptune.kind"
-TASKS_DONE_TAG = "adaptune.tasks_done"
-PARENT_TAG = "mlflow.parentRunId"
-SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
-# Shown beside the objective when the trials report them (see docs/metrics.md).
-HEADLINE_METRICS = ("stream_loss", "seen_loss", "new_task_loss", "forgetting")
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # MLflow UI's experiment tags of shared views
 
 
 @dataclass(frozen=True)
@@ -130,7 +126,7 @@ def _latest_search(client: Any, experiment_ids: list[str]) -> Any | None:
         return None
     runs = client.search_runs(
         experiment_ids,
-        filter_string=f"tags.`{KIND_TAG}` = 'search'",
+        filter_string=f"tags.`{KIND_TAG}` = '{KIND_SEARCH}'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )

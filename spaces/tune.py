@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from adaptune.spaces import Dist, Spec, check_space
+from adaptune.spaces.paths import set_hp
 from adaptune.spaces.presets import PRESETS  # noqa: F401  (re-exported)
-from adaptune.trainables.config import HYPERPARAMETERS, with_absolute_paths
+from adaptune.trainables.config import with_absolute_paths
 
 
 def to_tune(spec: Spec) -> Any:
@@ -60,7 +61,8 @@ def build_param_space(exp: Any) -> dict[str, Any]:
     """The run config as a nested plain dict with each searched leaf replaced by its domain.
 
     Args:
-        exp: a :class:`search.experiment.Experiment` (anything with ``run`` and ``space``).
+        exp: a :class:`search.experiment.Experiment` (anything with ``run`` and a parsed
+            ``space``, as :func:`spaces.check_space` returns it).
 
     Returns:
         ``exp.run.model_dump(mode="json")`` with ``HYPERPARAMETERS[name]`` set for every space key.
@@ -68,12 +70,8 @@ def build_param_space(exp: Any) -> dict[str, Any]:
     # Trials run in their own folders: relative data/model/cache paths are fixed here.
     run = with_absolute_paths(exp.run, Path.cwd())
     params: dict[str, Any] = run.model_dump(mode="json")
-    for name, domain in space_to_tune(dict(exp.space)).items():
-        *parents, leaf = HYPERPARAMETERS[name]
-        node = params
-        for part in parents:
-            node = node[part]
-        node[leaf] = domain
+    for name, spec in exp.space.items():
+        set_hp(params, name, to_tune(spec))
     return params
 
 

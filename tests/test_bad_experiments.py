@@ -22,8 +22,9 @@ import pytest
 import ray
 import yaml
 from adaptune.search.cli import main
+from adaptune.search.describe import asha_rungs
 from adaptune.search.experiment import parse_experiment
-from adaptune.search.tuner import asha_rungs, build_scheduler
+from adaptune.search.tuner import build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 FILE = "exp.yaml"
@@ -62,6 +63,16 @@ def put(path: str, value: Any) -> Mutation:
             node[int(last)] = value
         else:
             node[last] = value
+
+    return fn
+
+
+def puts(**changes: Any) -> Mutation:
+    """Several :func:`put`, keyed by the dotted path with ``__`` for the dots."""
+
+    def fn(data: dict[str, Any], tmp: Path) -> None:
+        for path, value in changes.items():
+            put(path.replace("__", "."), value)(data, tmp)
 
     return fn
 
@@ -158,8 +169,11 @@ CASES: list[tuple[str, str | Mutation, list[str]]] = [
       "valid values: stream_loss, seen_loss", "loss/docs"]),
     ("objective of a task not in the stream", put("search.metric", "loss/code"),
      ["search.metric: 'loss/code'", "loss/names"]),
-    ("mode against the objective", put("search.metric", "bwt"),
-     ["search.mode:", "bwt is better when higher", "must be 'max'"]),
+    ("mode against the objective", puts(search__metric="bwt", search__mode="min"),
+     ["search.mode: bwt is better when higher, so mode must be 'max' (got 'min'",
+      "leave it out"]),
+    ("mode against a task's loss", puts(search__metric="loss/names", search__mode="max"),
+     ["search.mode: loss/names is better when lower, so mode must be 'min' (got 'max'"]),
     ("grace_period beyond the stream", put("search.grace_period", 3),
      ["search.grace_period:", "<= the number of tasks (2)", "(got 3)"]),
     # --- data
@@ -227,6 +241,31 @@ def test_the_good_experiment_passes_the_dry_run(
     assert f"mlflow:     sqlite:///{tmp_path}/runs/mlflow.db" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == [FILE]  # nothing written
     assert not ray.is_initialized()  # nothing started
+
+
+@pytest.mark.parametrize(
+    ("search", "objective"),
+    [
+        ({}, "stream_loss (min)"),
+        ({"metric": "bwt"}, "bwt (max)"),  # no mode: the metric's direction
+        ({"metric": "bwt", "mode": "max"}, "bwt (max)"),  # a mode that agrees
+        ({"metric": "loss/names"}, "loss/names (min)"),
+    ],
+)
+def test_search_mode_is_the_metrics_direction(
+    search: dict[str, str],
+    objective: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = copy.deepcopy(GOOD)
+    data["search"] |= search
+    (tmp_path / FILE).write_text(yaml.safe_dump(data))
+    assert main(["search", FILE, "--dry-run"]) == 0
+    assert f"objective:  {objective}\n" in capsys.readouterr().out
+    assert parse_experiment(data).search.mode == objective[-4:-1]
 
 
 @pytest.mark.parametrize(

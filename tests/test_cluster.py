@@ -33,10 +33,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from adaptune.search.checks import check_search
 from adaptune.search.experiment import parse_experiment
+from adaptune.search.locations import optuna_storage_file, search_location
 from adaptune.search.resume import SEARCH_FILE
-from adaptune.search.tracking import NODE_ID_TAG, PARENT_TAG, TRIAL_TAG
-from adaptune.search.tuner import check_search, optuna_storage_file, search_location
+from adaptune.search.tags import NODE_ID_TAG, PARENT_TAG, TRIAL_TAG
 from adaptune.trainables.errors import ConfigError
 from mlflow.tracking import MlflowClient
 
@@ -151,7 +152,7 @@ def _ray_start(args: list[str], env: dict[str, str]) -> None:
 # auto` does, and lists the cluster's nodes.
 _LIST_NODES = """
 import json, ray
-from adaptune.search.tuner import _use_token_auth_if_available
+from adaptune.search.local_ray import _use_token_auth_if_available
 _use_token_auth_if_available("auto")
 ray.init(address="auto", log_to_driver=False)
 print(json.dumps({n["NodeID"]: sorted(n["Resources"]) for n in ray.nodes() if n["Alive"]}))

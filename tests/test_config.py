@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from adaptune.search.experiment import apply_overrides, load_experiment, parse_experiment, read_yaml
+import yaml
+from adaptune.search.experiment import (
+    apply_overrides,
+    experiment_yaml,
+    load_experiment,
+    parse_experiment,
+    read_yaml,
+)
 from adaptune.spaces import Dist
 from adaptune.trainables.config import HYPERPARAMETERS, RunConfig, parse_run_config
 from adaptune.trainables.errors import ConfigError
@@ -297,6 +304,22 @@ def test_bad_overrides(item: str, match: str) -> None:
 def test_override_to_a_bad_value_is_caught_by_validation() -> None:
     with pytest.raises(ConfigError, match=r"run\.optim\.lr: Input should be less than or equal"):
         parse_experiment(apply_overrides(copy.deepcopy(BASE), ["lr=5"]))
+
+
+def test_search_mode_is_the_metrics_direction_when_absent() -> None:
+    def load(*overrides: str) -> Any:
+        return parse_experiment(apply_overrides(copy.deepcopy(BASE), list(overrides)))
+
+    assert load().search.mode == "min"  # stream_loss
+    bwt = load("search.metric=bwt")
+    assert bwt.search.mode == "max"
+    assert "mode: max" in experiment_yaml(bwt)  # written out: best.yaml and the hash carry it
+    assert parse_experiment(yaml.safe_load(experiment_yaml(bwt))) == bwt
+    assert load("search.metric=loss/code").search.mode == "min"
+    assert load("search.metric=base_ppl").search.mode == "min"
+    # a given mode stays as given: the search refuses one against the metric (test_bad_experiments)
+    assert load("search.metric=bwt", "search.mode=min").search.mode == "min"
+    assert load("search.metric=no_such_metric").search.mode == "min"  # the metric is refused
 
 
 # ---- the shipped experiment -------------------------------------------------------------------

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 import yaml
-from adaptune.search import export, tracking
+from adaptune.search import export
 from adaptune.search.cli import main
 from adaptune.search.experiment import experiment_yaml, load_experiment, parse_experiment
-from adaptune.search.tracking import PARENT_TAG, TRIAL_TAG, MlflowTrackingCallback
+from adaptune.search.tags import CHAMPION_TAG, PARENT_TAG, TRIAL_TAG
+from adaptune.search.tracking import MlflowTrackingCallback
 from adaptune.spaces.tune import build_param_space
 from mlflow.tracking import MlflowClient
 
@@ -108,11 +109,6 @@ def _uri(db: Path) -> str:
     return f"sqlite:///{db}"
 
 
-def test_tags_match_the_tracking_callback() -> None:
-    assert export.PARENT_TAG == tracking.PARENT_TAG
-    assert export.TRIAL_TAG == tracking.TRIAL_TAG
-
-
 def test_exports_the_best_finished_trial_with_typed_values(db: Path, tmp_path: Path, capsys):
     exp = _experiment(db, "best_finished")
     callback = _standard(exp)
@@ -149,7 +145,7 @@ def test_exports_the_best_finished_trial_with_typed_values(db: Path, tmp_path: P
 def test_prefers_the_champion_and_pins_threads_and_cpu(db: Path, tmp_path: Path) -> None:
     exp = _experiment(db, "champion")
     callback = _standard(exp, threads=2, cuda=0)
-    callback.client.set_tag(callback.parent_run_id, export.CHAMPION_TAG, "t_00000")
+    callback.client.set_tag(callback.parent_run_id, CHAMPION_TAG, "t_00000")
     path, winner = export.export_best(
         exp.name, out=tmp_path / "best.yaml", tracking_uri=_uri(db), name="mine"
     )
@@ -289,7 +285,7 @@ def test_exported_winner_reproduces_its_stream_loss(
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("rt").experiment_id])
     parent = next(r for r in runs if PARENT_TAG not in r.data.tags)
-    champion = parent.data.tags[export.CHAMPION_TAG]
+    champion = parent.data.tags[CHAMPION_TAG]
     child = next(r for r in runs if r.data.tags.get(TRIAL_TAG) == champion)
     best = load_experiment("best.yaml")
     assert not best.space and best.run.hardware.threads == 1

@@ -8,10 +8,10 @@ import mlflow
 import optuna
 import pytest
 import yaml
+from adaptune.search.checks import check_search
 from adaptune.search.cli import main
 from adaptune.search.experiment import parse_experiment
 from adaptune.search.tracking import PARENT_TAG, TRIAL_TAG
-from adaptune.search.tuner import check_search
 from adaptune.trainables.errors import ConfigError
 from mlflow.tracking import MlflowClient
 
@@ -115,7 +115,8 @@ def _exp(**changes: object) -> dict:
         ({"search__metric": "forgetting"}, "is not an objective the trainable reports (it is 0"),
         ({"search__metric": "train_loss"}, "valid values: stream_loss, seen_loss"),
         ({"search__metric": "loss/nope"}, "'loss/nope' is not an objective"),
-        ({"search__metric": "bwt"}, "bwt is better when higher, so mode must be 'max'"),
+        ({"search__metric": "bwt", "search__mode": "min"},
+         "search.mode: bwt is better when higher, so mode must be 'max' (got 'min'"),
         ({"search__grace_period": 4}, "search.grace_period: must be <= the number of tasks (3)"),
         ({"space": {"lr": 1e-3}}, "space: nothing to search"),
         ({"space": {"lr": {"loguniform": [1e-4, 3.0]}}}, "space.lr: the value 3.0 is out of range"),
@@ -134,6 +135,7 @@ def test_check_search_accepts_per_task_losses_and_max_objectives(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     check_search(parse_experiment(_exp(search__metric="loss/code")))
     check_search(parse_experiment(_exp(search__metric="bwt", search__mode="max")))
+    check_search(parse_experiment(_exp(search__metric="bwt")))  # mode taken from the metric
 
 
 def test_cli_search_refuses_before_writing_anything(tmp_path, monkeypatch, capsys) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import optuna
 import pytest
 from adaptune.search.experiment import parse_experiment
 from adaptune.spaces import Dist
+from adaptune.spaces.paths import from_tune_key, get_hp, set_hp, tune_key
 from adaptune.spaces.tune import PRESETS, build_param_space, searched_names, space_to_tune, to_tune
 from adaptune.trainables.config import HYPERPARAMETERS, parse_run_config
 from ray import tune
@@ -73,13 +75,56 @@ def test_preset_extremes_are_valid_run_configs() -> None:
     for space in PRESETS.values():
         for name, spec in space.items():
             for value in next(iter(spec.values())):
-                data = {**base}
-                node = data
-                *parents, leaf = HYPERPARAMETERS[name]
-                for part in parents:
-                    node = node.setdefault(part, {})
-                node[leaf] = value
-                parse_run_config(data)
+                data = copy.deepcopy(base)
+                set_hp(data, name, value)
+                assert get_hp(parse_run_config(data).model_dump(mode="json"), name) == value
+
+
+def test_hyperparameters_are_read_and_written_by_name() -> None:
+    config = {"optim": {"lr": 1e-3}}
+    set_hp(config, "lr", 3e-4)
+    set_hp(config, "buffer_size", 16)  # missing mappings are created on the way
+    assert config == {"optim": {"lr": 3e-4}, "components": {"replay": {"buffer_size": 16}}}
+    assert get_hp(config, "buffer_size") == 16
+    assert tune_key("buffer_size") == "components/replay/buffer_size"
+    assert from_tune_key("components/replay/buffer_size") == "buffer_size"
+    assert from_tune_key("not/a/hyperparameter") == "not/a/hyperparameter"
+    assert all(from_tune_key(tune_key(name)) == name for name in HYPERPARAMETERS)
+    with pytest.raises(TypeError, match="'optim' is not a mapping"):
+        set_hp({"optim": 1.0}, "lr", 1e-3)
+    with pytest.raises(KeyError):
+        get_hp({}, "lr")
+
+
+def test_the_space_is_parsed_once_when_the_experiment_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import adaptune.search.experiment
+    import adaptune.spaces
+    import adaptune.spaces.tune
+    from adaptune.search.checks import check_space_bounds
+
+    parsed: list[dict] = []
+
+    def counting(space: dict) -> dict:
+        parsed.append(space)
+        return adaptune.spaces.check_space(space)
+
+    monkeypatch.setattr(adaptune.search.experiment, "check_space", counting)
+    monkeypatch.setattr(adaptune.spaces.tune, "check_space", counting)
+    exp = parse_experiment(
+        {
+            "name": "s",
+            "run": {"stream": {"tasks": [{"name": "a", "builtin": "python_docs"}]}},
+            "space": {"preset": "ewc", "temperature": 3.0},
+        }
+    )
+    assert isinstance(exp.space["ewc_lambda"], Dist)  # the preset expanded, its entries parsed
+    assert exp.space["temperature"] == 3.0
+    domain = build_param_space(exp)["components"]["ewc"]["ewc_lambda"]
+    assert isinstance(domain, Float) and isinstance(domain.get_sampler(), LogUniform)
+    check_space_bounds(exp)
+    assert len(parsed) == 1
 
 
 def test_build_param_space_replaces_leaves_in_the_run_config() -> None:

@@ -11,10 +11,8 @@ from typing import Any
 import pytest
 from adaptune.search.experiment import experiment_yaml, parse_experiment
 from adaptune.search.stores import existing_store
+from adaptune.search.tags import HASH_TAG, PARENT_TAG, TRIAL_TAG
 from adaptune.search.tracking import (
-    HASH_TAG,
-    PARENT_TAG,
-    TRIAL_TAG,
     MlflowTrackingCallback,
     experiment_hash,
     resolve_tracking_uri,

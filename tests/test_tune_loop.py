@@ -1,7 +1,7 @@
 """Tune's controller loop waits for events (search.tune_loop) instead of polling at 10 Hz.
 
 The real Ray Tune runs the same sleeping trial twice on a local 1-CPU cluster started with the
-environment ``adaptune search`` gives one (``search.tuner.LOCAL_RAY_ENV``), with Tune's own
+environment ``adaptune search`` gives one (``search.local_ray.LOCAL_RAY_ENV``), with Tune's own
 wait and with adaptune's; a callback counts the controller's steps. If Ray moves or renames the
 wait that ``patient_controller`` replaces, both runs take as many steps and the test fails.
 """
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import ray
+from adaptune.search.local_ray import LOCAL_RAY_ENV
 from adaptune.search.tune_loop import EVENT_WAIT_S, TUNE_STEP_WAIT_S, patient_controller
-from adaptune.search.tuner import LOCAL_RAY_ENV
 from ray import tune
 from ray.air.execution._internal.actor_manager import RayActorManager
 

@@ -10,8 +10,53 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 Matrix = Sequence[Sequence[float]]
+Direction = Literal["min", "max"]
+
+# What a run reports after every task, each with the direction that is better. One list for
+# the search's objective check, its default mode, and the columns the MLflow UI shows.
+STREAM_METRICS: dict[str, Direction] = {  # the keys of stream_metrics()
+    "stream_loss": "min",
+    "seen_loss": "min",
+    "new_task_loss": "min",
+    "forgetting": "min",
+    "bwt": "max",  # negative = forgetting
+    "fwt": "max",
+    "stream_ppl": "min",
+    "seen_ppl": "min",
+    "new_task_ppl": "min",
+}
+TASK_METRICS: dict[str, Direction] = {"loss": "min", "ppl": "min"}  # as f"{key}/{task name}"
+BASE_METRICS: dict[str, Direction] = {"base_loss": "min", "base_ppl": "min"}  # with a pretrain
+# `forgetting` is 0 after task 1, so every trial would tie at ASHA's first rung and a search
+# optimising it would favour models that learn nothing: never an objective.
+OBJECTIVES: dict[str, Direction] = {k: d for k, d in STREAM_METRICS.items() if k != "forgetting"}
+# Shown beside the objective wherever trials are listed.
+HEADLINE_METRICS = ("stream_loss", "seen_loss", "new_task_loss", "forgetting")
+
+
+def objectives(task_names: Sequence[str], *, pretrain: bool) -> dict[str, Direction]:
+    """Every metric a search over this stream may optimise, with its better direction.
+
+    Args:
+        task_names: the stream's tasks, in order.
+        pretrain: whether the run pretrains on a base domain (``base_loss`` is reported).
+    """
+    allowed = dict(OBJECTIVES)
+    for name in task_names:
+        allowed |= {f"{key}/{name}": d for key, d in TASK_METRICS.items()}
+    return allowed | (BASE_METRICS if pretrain else {})
+
+
+def direction(metric: str) -> Direction | None:
+    """The better direction of the objective ``metric`` (``loss/<task>`` for any task name),
+    or None when it is not an objective."""
+    key, per_task, _ = metric.partition("/")
+    if per_task:
+        return TASK_METRICS.get(key)
+    return OBJECTIVES.get(metric) or BASE_METRICS.get(metric)
 
 
 def _mean(xs: list[float]) -> float:

@@ -1,0 +1,114 @@
+"""What a search refuses before anything starts: objective, mode, scheduler, space, its folder.
+
+Every refusal is one :class:`ConfigError` line naming the field, the rule and the valid values.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from adaptune.search.experiment import Experiment, experiment_yaml
+from adaptune.search.locations import search_location
+from adaptune.search.resume import check_search_dir, inspect_search_dir
+from adaptune.search.tracking import experiment_hash
+from adaptune.spaces import Dist
+from adaptune.spaces.paths import set_hp
+from adaptune.trainables.config import RunConfig, format_validation_error
+from adaptune.trainables.errors import ConfigError
+from adaptune.trainables.metrics import Direction, objectives
+from pydantic import ValidationError
+
+
+def objective_metrics(exp: Experiment) -> dict[str, Direction]:
+    """Metrics a search of ``exp`` may optimise, with their better direction
+    (:func:`trainables.metrics.objectives` for its stream)."""
+    tasks = [task.name for task in exp.run.stream.tasks]
+    return objectives(tasks, pretrain=exp.run.model.pretrain is not None)
+
+
+def check_search(exp: Experiment, *, resume: bool = False) -> None:
+    """Refuse a search that cannot work, before anything starts or is written.
+
+    Args:
+        exp: the experiment.
+        resume: continue the interrupted search in ``<storage_path>/<name>`` instead of
+            starting one there (see :mod:`search.resume`).
+
+    Raises:
+        ConfigError: one line naming the field, the rule and the valid values; for the
+            search directory, what it holds (interrupted or finished search) and whether
+            ``--resume`` or ``--name`` applies.
+    """
+    check_objective(exp)
+    s, T = exp.search, len(exp.run.stream.tasks)
+    if s.scheduler == "asha" and s.grace_period > T:
+        raise ConfigError(
+            f"search.grace_period: must be <= the number of tasks ({T}), ASHA's max_t "
+            f"(got {s.grace_period})"
+        )
+    if not any(isinstance(v, Dist) for v in exp.space.values()):
+        raise ConfigError(
+            "space: nothing to search; give at least one distribution "
+            "(loguniform, uniform, int, choice) or use `adaptune train`"
+        )
+    check_space_bounds(exp)
+    check_search_dir(
+        inspect_search_dir(search_location(exp)),
+        name=exp.name,
+        resume=resume,
+        experiment_hash=experiment_hash(experiment_yaml(exp)),
+    )
+
+
+def check_objective(exp: Experiment) -> None:
+    """``search.metric`` must be an objective the trainable reports, ``search.mode`` its
+    better direction.
+
+    Raises:
+        ConfigError: one line: the valid metrics (with a near match), or the mode that fits.
+    """
+    s = exp.search
+    allowed = objective_metrics(exp)
+    if s.metric not in allowed:
+        near = difflib.get_close_matches(s.metric, list(allowed), n=1)
+        if s.metric.startswith("forgetting"):
+            hint = " (it is 0 after task 1; use stream_loss)"
+        else:
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(
+            f"search.metric: {s.metric!r} is not an objective the trainable reports{hint}; "
+            f"valid values: {', '.join(allowed)}"
+        )
+    better = allowed[s.metric]
+    if s.mode != better:
+        raise ConfigError(
+            f"search.mode: {s.metric} is better when "
+            f"{'lower' if better == 'min' else 'higher'}, so mode must be {better!r} "
+            f"(got {s.mode!r}; leave it out to take the metric's)"
+        )
+
+
+def check_space_bounds(exp: Experiment) -> None:
+    """Every extreme value of every distribution must pass the run schema (lr <= 1, ...).
+
+    Raises:
+        ConfigError: ``space.<name>: the value V is out of range: <the run schema's rule>``.
+    """
+    base = exp.run.model_dump(mode="json")
+    for name, spec in exp.space.items():
+        values = list(spec.values()) if isinstance(spec, Dist) else [spec]
+        for value in values:
+            _check_value(base, name, value)
+
+
+def _check_value(base: dict[str, Any], name: str, value: Any) -> None:
+    import copy
+
+    data = copy.deepcopy(base)
+    set_hp(data, name, value)
+    try:
+        RunConfig.model_validate(data)
+    except ValidationError as err:
+        rule = format_validation_error(err, prefix="run")
+        raise ConfigError(f"space.{name}: the value {value!r} is out of range: {rule}") from None

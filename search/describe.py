@@ -1,0 +1,105 @@
+"""``adaptune search --dry-run``: the resolved search, as text, with nothing started or written."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from adaptune.search.experiment import Experiment
+from adaptune.search.locations import (
+    CHAMPION_ALIAS,
+    optuna_storage_url,
+    registered_model_name,
+    search_location,
+)
+from adaptune.search.stores import resolve_tracking_uri
+from adaptune.spaces import Dist
+from adaptune.spaces.paths import get_hp
+from adaptune.trainables.config import HYPERPARAMETERS
+
+
+def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
+    """The tasks after which ASHA may stop a trial (its rungs below ``max_t``).
+
+    Ray's ASHA bracket has milestones ``grace_period * reduction_factor**k`` for
+    ``k < int(log(max_t / grace_period) / log(reduction_factor) + 1)``; a trial meets a
+    milestone at the first task index >= it. The trial ends at ``max_t`` anyway, so a rung
+    there stops nothing.
+    """
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    milestones = (grace_period * reduction_factor**k for k in range(count))
+    return sorted({math.ceil(m) for m in milestones if math.ceil(m) < max_t})
+
+
+def _describe_spec(spec: Any) -> str:
+    if isinstance(spec, Dist):
+        values = spec.values()
+        if spec.kind == "choice":
+            return f"choice {list(values)}"
+        bounds = "inclusive" if spec.kind == "int" else ""
+        return f"{spec.kind} [{values[0]}, {values[1]}]{' ' + bounds if bounds else ''}"
+    return repr(spec)
+
+
+def describe_search(exp: Experiment, prep: Any) -> str:
+    """The resolved search, as ``adaptune search --dry-run`` prints it.
+
+    Args:
+        exp: a checked experiment (:func:`search.checks.check_search` passed).
+        prep: its prepared run (:func:`trainables.run.prepare`): tasks and their sizes.
+    """
+    s, T = exp.search, len(prep.tasks)
+    searched = {n: v for n, v in exp.space.items() if isinstance(v, Dist)}
+    run = exp.run.model_dump(mode="json")
+    width = max(len(n) for n in HYPERPARAMETERS)
+    lines = [f"adaptune search {exp.name} (dry run: nothing started, nothing written)", ""]
+    lines.append(f"model:      {exp.run.model.name}")
+    lines.append(f"tasks:      {T}")
+    for t in prep.tasks:
+        lines.append(
+            f"  {t.name:<{width}}  {t.train.shape[0]} train blocks ({t.train_tokens:,} tokens), "
+            f"{t.eval.shape[0]} eval blocks of {exp.run.stream.block_size} tokens"
+        )
+    lines.append(f"objective:  {s.metric} ({s.mode})")
+    lines.append(f"searched:   {len(searched)} hyperparameters")
+    lines += [f"  {n:<{width}}  {_describe_spec(v)}" for n, v in searched.items()]
+    lines.append("fixed:      (from `space` where given there, else from `run`)")
+    for name in HYPERPARAMETERS:
+        if name in searched:
+            continue
+        value = exp.space[name] if name in exp.space else get_hp(run, name)
+        lines.append(f"  {name:<{width}}  {value!r}")
+    lines.append(f"sampler:    {s.algorithm} (seed {s.seed})")
+    lines.append(_describe_scheduler(exp, T))
+    budget = f"{s.time_budget_s:g} s" if s.time_budget_s is not None else "none"
+    lines.append(
+        f"trials:     {s.num_samples} ({s.max_concurrent} at once), time budget {budget}, "
+        f"retries per failed trial {s.max_failures}"
+    )
+    r = exp.resources
+    lines.append(f"resources:  {r.cpus_per_trial:g} CPU, {r.gpus_per_trial:g} GPU per trial")
+    lines.append(f"results:    {search_location(exp)} (Ray Tune trials and checkpoints)")
+    lines.append(f"optuna:     {optuna_storage_url(exp)} (study {exp.name!r})")
+    lines.append(
+        f"mlflow:     {resolve_tracking_uri(exp.tracking.tracking_uri, create=False)} "
+        f"(experiment {exp.tracking.experiment_name or exp.name!r}, "
+        f"champion models:/{registered_model_name(exp)}@{CHAMPION_ALIAS})"
+    )
+    return "\n".join(lines)
+
+
+def _describe_scheduler(exp: Experiment, T: int) -> str:
+    s = exp.search
+    if s.scheduler != "asha":
+        return f"scheduler:  fifo (every trial runs all {T} tasks)"
+    rungs = asha_rungs(s.grace_period, s.reduction_factor, T)
+    where = (
+        f"rungs after task {', '.join(str(r) for r in rungs)}, each keeping the best "
+        f"1/{s.reduction_factor:g} of the trials that reach it"
+        if rungs
+        else "no rung below the last task: every trial runs all tasks"
+    )
+    return (
+        f"scheduler:  asha (max_t {T} tasks, grace_period {s.grace_period}, "
+        f"reduction_factor {s.reduction_factor:g}): {where}"
+    )

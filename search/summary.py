@@ -1,0 +1,149 @@
+"""A finished search in rows: one per trial, best first; as a table, a plot, on the parent run."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adaptune.search.experiment import Experiment
+from adaptune.search.tracking import MlflowTrackingCallback, searched_params
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    value: float | None  # objective at the trial's last result
+    tasks_done: int
+    status: str  # "complete", "stopped" (by ASHA), "error"
+    params: dict[str, Any]
+
+
+@dataclass
+class SearchSummary:
+    rows: list[TrialRow]  # best first
+    parent_run_id: str
+    tracking_uri: str
+    best: TrialRow | None = None
+    model_uri: str | None = None  # models:/NAME@champion
+    model_version: str | None = None
+    notes: list[str] = field(default_factory=list)
+    interrupted: bool = False  # stopped before every trial ended (Ctrl-C): resume with --resume
+
+
+def trial_rows(exp: Experiment, results: Any) -> list[TrialRow]:
+    """One row per trial, complete trials first, each group best first."""
+    T, s = len(exp.run.stream.tasks), exp.search
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        done = int(m.get("task_index", 0))
+        value = m.get(s.metric)
+        value = float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+        status = "error" if r.error else "complete" if done >= T else "stopped"
+        rows.append(
+            TrialRow(
+                trial_id=str(m.get("trial_id") or Path(r.path).name.removeprefix("trial-")),
+                value=value,
+                tasks_done=done,
+                status=status,
+                params=searched_params(r.config, list(exp.space)),
+            )
+        )
+    sign = 1 if s.mode == "min" else -1
+
+    def key(row: TrialRow) -> tuple[int, float]:
+        group = {"complete": 0, "stopped": 1, "error": 2}[row.status]
+        return (group, sign * row.value if row.value is not None else math.inf)
+
+    return sorted(rows, key=key)
+
+
+def format_table(rows: list[TrialRow], metric: str, *, markdown: bool = False) -> str:
+    """Trials as a text (or markdown) table."""
+    names = list(rows[0].params) if rows else []
+    head = ["rank", "trial", metric, "tasks", "status", *names]
+    body = [
+        [
+            str(i),
+            r.trial_id,
+            f"{r.value:.4f}" if r.value is not None else "-",
+            str(r.tasks_done),
+            r.status,
+            *(_fmt(r.params[n]) for n in names),
+        ]
+        for i, r in enumerate(rows, start=1)
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max([len(c), *(len(b[i]) for b in body)]) for i, c in enumerate(head)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), *(fmt.format(*b) for b in body)])
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _objective_plot(rows: list[TrialRow], metric: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ordered = sorted(rows, key=lambda r: r.trial_id)
+    for status, marker in (("complete", "o"), ("stopped", "x"), ("error", "s")):
+        pts = [(i, r.value) for i, r in enumerate(ordered) if r.status == status and r.value]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), marker=marker, label=status)
+    ax.set_xlabel("trial (launch order)")
+    ax.set_ylabel(f"{metric} at last task reached")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def log_summary(
+    callback: MlflowTrackingCallback,
+    exp: Experiment,
+    rows: list[TrialRow],
+    study: Any,
+    notes: list[str],
+) -> None:
+    """Top-k table, objective plot and Optuna importances on the parent run."""
+    import matplotlib.pyplot as plt
+    import optuna
+
+    client, parent = callback.client, callback.start_parent()
+    metric = exp.search.metric
+    client.log_text(parent, format_table(rows, metric, markdown=True), "trials.md")
+    buf = io.StringIO()
+    names = list(rows[0].params) if rows else []
+    buf.write(",".join(["trial_id", metric, "tasks_done", "status", *names]) + "\n")
+    for r in rows:
+        cells = [r.trial_id, "" if r.value is None else repr(r.value), str(r.tasks_done), r.status]
+        buf.write(",".join(cells + [str(r.params[n]) for n in names]) + "\n")
+    client.log_text(parent, buf.getvalue(), "trials.csv")
+    fig = _objective_plot(rows, metric)
+    client.log_figure(parent, fig, "objective_per_trial.png")
+    plt.close(fig)
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 2:
+        notes.append(f"parameter importances skipped: {len(complete)} complete trial(s), need 2")
+        return
+    try:
+        importances = optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError) as err:
+        notes.append(f"parameter importances skipped: {err}")
+        return
+    client.log_dict(parent, importances, "param_importances.json")
+    from mlflow.entities import Metric
+
+    client.log_batch(
+        parent, metrics=[Metric(f"importance/{k}", float(v), 0, 0) for k, v in importances.items()]
+    )

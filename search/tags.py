@@ -1,0 +1,42 @@
+"""The names adaptune gives its MLflow tags (and its Optuna user attributes).
+
+One search = one parent run (``KIND_TAG`` = ``search``) with one child run per trial
+(``KIND_TAG`` = ``trial``, ``PARENT_TAG`` = the parent's id). Every module that writes or reads
+these names imports them from here; this module imports nothing, so the commands that only read
+a store (``adaptune export``, ``adaptune ui``) do not load Ray to know them.
+"""
+
+from __future__ import annotations
+
+# -- both kinds of run ------------------------------------------------------------------------
+KIND_TAG = "adaptune.kind"
+KIND_SEARCH = "search"  # KIND_TAG of a parent run
+KIND_TRIAL = "trial"  # KIND_TAG of a child run
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a child run under its parent
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own
+
+# -- the parent run (the search) --------------------------------------------------------------
+HASH_TAG = "adaptune.experiment_hash"  # sha256 of the resolved experiment YAML
+OBJECTIVE_TAG = "adaptune.objective"  # "metric (mode)"
+RESUMES_TAG = "adaptune.resumes"  # times the search was resumed (--resume)
+OPTUNA_STORAGE_TAG = "adaptune.optuna_storage"  # the study's storage URL
+OPTUNA_STUDY_TAG = "adaptune.optuna_study"  # the study's name
+SEARCH_DIR_TAG = "adaptune.search_dir"  # <storage_path>/<name>: Ray Tune's state
+CHAMPION_TAG = "adaptune.champion_trial_id"  # the trial registered as @champion
+
+# -- a child run (one trial) ------------------------------------------------------------------
+TRIAL_TAG = "adaptune.trial_id"  # Ray's trial id; also on the champion's model and version
+TASKS_DONE_TAG = "adaptune.tasks_done"  # tasks the trial ran (fewer: stopped early by ASHA)
+ERROR_TAG = "adaptune.error"  # one line: `Type: message (during task k/T 'name')`
+LAST_FAILURE_TAG = "adaptune.last_failure"  # the line of the failure Ray last retried
+FAILURES_TAG = "adaptune.failures"  # times Ray retried the trial (FailureConfig)
+STARTS_TAG = "adaptune.starts"  # times Ray started the trial: first start, retries, resumes
+LOST_TAG = "adaptune.lost_trial_id"  # on an adopted run: the Ray trial id it started under
+# where the trial's latest result came from
+NODE_ID_TAG = "adaptune.node_id"  # the Ray node (reported by the trainable)
+NODE_IP_TAG = "adaptune.node_ip"
+HOSTNAME_TAG = "adaptune.hostname"
+PID_TAG = "adaptune.pid"  # the process (Ray's worker)
+
+# -- Optuna user attributes -------------------------------------------------------------------
+LOST_RAY_TRIAL_ATTR = "adaptune.lost_ray_trial_id"  # on an adopted study trial: its lost Ray id
