@@ -11,6 +11,7 @@ from typing import Any
 from adaptune.search.experiment import Experiment, experiment_yaml
 from adaptune.search.locations import search_location
 from adaptune.search.resume import check_search_dir, inspect_search_dir
+from adaptune.search.stores import check_tracking_server
 from adaptune.search.tracking import experiment_hash
 from adaptune.spaces import Dist
 from adaptune.spaces.paths import set_hp
@@ -53,6 +54,7 @@ def check_search(exp: Experiment, *, resume: bool = False) -> None:
             "(loguniform, uniform, int, choice) or use `adaptune train`"
         )
     check_space_bounds(exp)
+    check_tracking_server(exp.tracking.tracking_uri)
     check_search_dir(
         inspect_search_dir(search_location(exp)),
         name=exp.name,

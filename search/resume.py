@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from adaptune.search.lock import LOCK_FILES
 from adaptune.trainables.errors import ConfigError
 
 SEARCH_FILE = "adaptune-search.json"
@@ -56,6 +57,7 @@ def inspect_search_dir(location: str) -> SearchDir:
     except (OSError, ValueError) as err:  # unknown scheme, unreachable bucket, no permission
         first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
         raise ConfigError(f"storage_path: cannot read {location}: {first}") from None
+    entries = [e for e in entries if e.base_name not in LOCK_FILES]  # the driver's lock
     if not entries:
         return SearchDir(location, "new")
     info = read_search_info(location)

@@ -14,10 +14,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from adaptune.search.locations import (
     optuna_storage_url,
     search_location,
 )
+from adaptune.search.lock import SearchLock
 from adaptune.search.preload import NEEDED_AFTER_TRIALS, preload_thread
 from adaptune.search.resume import inspect_search_dir, write_search_info
 from adaptune.search.searcher import ContinualOptunaSearch, build_searcher
@@ -216,21 +216,12 @@ def run_search(
     """
     from adaptune.trainables.run import prepare
 
-    check_search(exp, resume=resume)
-    prep = prepare(exp.run)  # data and model checks, before anything is written
-    with _preflight(exp, resume=resume):
+    # The lock comes first: a second driver is told who runs the search, not what the
+    # folder the running one is writing looks like. Released (its files removed) on any error.
+    with SearchLock(search_location(exp)):
+        check_search(exp, resume=resume)
+        prep = prepare(exp.run)  # data and model checks, before anything is written
         return _search(exp, prep, address=address, trainable=trainable, resume=resume)
-
-
-@contextlib.contextmanager
-def _preflight(exp: Experiment, *, resume: bool) -> Iterator[None]:
-    """The search's hold on what lies outside the experiment, from before Ray starts to the end.
-
-    The one place for checks of the world around a search (what else uses its folder, whether
-    its tracking server answers): each raises a one-line ``ConfigError`` before Ray starts or
-    anything is written, and what one acquires is held until the search ends.
-    """
-    yield
 
 
 def _search(

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from adaptune.search.stores import DEFAULT_TRACKING_URI, existing_store
+from adaptune.search.stores import DEFAULT_TRACKING_URI, check_tracking_server, existing_store
 from adaptune.search.tags import KIND_SEARCH, KIND_TAG, PARENT_TAG, TASKS_DONE_TAG
 from adaptune.trainables.errors import ConfigError
 from adaptune.trainables.metrics import HEADLINE_METRICS
@@ -228,6 +228,18 @@ def _sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def _announce(view: SearchView | None, url: str, open_browser: bool) -> None:
+    if view is not None:
+        parent = f", parent run {view.parent_run_id}" if view.parent_run_id else ""
+        print(f"experiment {view.experiment_name!r}: trials sorted by {view.metric} "
+              f"({view.mode}){parent}", flush=True)
+    print(f"MLflow UI: {url}", flush=True)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -241,16 +253,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
         experiment_name = exp.tracking.experiment_name or exp.name
         metric, mode = exp.search.metric, exp.search.mode
     tracking_uri = tracking_uri or DEFAULT_TRACKING_URI
-    if tracking_uri.startswith(("http://", "https://", "databricks")):
-        raise ConfigError(
-            f"--tracking-uri: {tracking_uri} is already served by an MLflow server; open it there"
-        )
-    tracking_uri = existing_store(tracking_uri)
-    port = args.port if args.port else free_port(args.host)
-    check_port(args.host, port)
-    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
-    base = f"http://{shown_host}:{port}"
+    served = tracking_uri.startswith(("http://", "https://"))
+    if served:  # that server already serves the UI: only the view and its URL are ours
+        check_tracking_server(tracking_uri)
+        base = tracking_uri.rstrip("/")
+    else:
+        tracking_uri = existing_store(tracking_uri)
+        port = args.port if args.port else free_port(args.host)
+        check_port(args.host, port)
+        shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
+        base = f"http://{shown_host}:{port}"
 
     client = MlflowClient(tracking_uri)
     view = find_view(client, experiment_name, metric, mode)
@@ -264,6 +277,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
             print(f"adaptune ui: could not store the table's view ({err}); columns stay hidden",
                   file=sys.stderr)
             url = sorted_url(base, view)
+    if served:
+        _announce(view, url, args.open)
+        return 0
 
     cmd = [
         sys.executable, "-m", "mlflow", "server",
@@ -283,16 +299,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         wait_until_up(base, proc)
-        if view is not None:
-            parent = f", parent run {view.parent_run_id}" if view.parent_run_id else ""
-            print(f"experiment {view.experiment_name!r}: trials sorted by {view.metric} "
-                  f"({view.mode}){parent}", flush=True)
-        print(f"MLflow UI: {url}", flush=True)
+        _announce(view, url, args.open)
         print("Ctrl-C stops the server.", flush=True)
-        if args.open:
-            import webbrowser
-
-            webbrowser.open(url)
         return proc.wait()
     except KeyboardInterrupt:
         return 0
