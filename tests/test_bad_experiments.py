@@ -25,28 +25,24 @@ from adaptune.search.cli import main
 from adaptune.search.describe import asha_rungs
 from adaptune.search.experiment import parse_experiment
 from adaptune.search.tuner import build_scheduler
+from conftest import tiny_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 FILE = "exp.yaml"
 
-GOOD: dict[str, Any] = {
-    "name": "bad-input",
-    "run": {
-        "model": {"name": "tiny-gpt", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64},
+GOOD = tiny_experiment(
+    "bad-input",
+    run={
         "stream": {
-            "block_size": 32,
-            "max_train_tokens": 1024,
             "max_eval_blocks": 2,
             "tasks": [
                 {"name": "docs", "builtin": "python_docs"},
                 {"name": "names", "builtin": "unicode_names"},
             ],
         },
-        "optim": {"batch_size": 8},
     },
-    "space": {"lr": {"loguniform": [1.0e-4, 1.0e-2]}},
-    "search": {"num_samples": 2, "grace_period": 1, "reduction_factor": 2},
-}
+    search={"num_samples": 2, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2},
+)
 
 Mutation = Callable[[dict[str, Any], Path], None]
 

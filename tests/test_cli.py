@@ -11,28 +11,28 @@ from pathlib import Path
 import pytest
 import yaml
 from adaptune.search.cli import main
+from conftest import tiny_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTUNE = [sys.executable, "-m", "adaptune.search.cli"]
 
-SMALL = {
-    "name": "small",
-    "run": {
-        "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32},
+SMALL = tiny_experiment(
+    "small",
+    run={
+        "model": {"n_positions": 32},
         "stream": {
-            "block_size": 32,
             "max_train_tokens": 2048,
-            "max_eval_blocks": 4,
             "tasks": [
                 {"name": "docs", "builtin": "python_docs"},
                 {"name": "unicode", "builtin": "unicode_names"},
             ],
         },
+        "optim": None,
+        "eval_batch_size": None,
         "components": {"replay": {"buffer_size": 16}, "ewc": {"ewc_lambda": 10.0}},
         "hardware": {"threads": 1},
     },
-    "space": {"lr": {"loguniform": [1e-4, 1e-2]}},
-}
+)
 
 
 def write(path: Path, data: object) -> Path:

@@ -32,37 +32,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 from adaptune.search.checks import check_search
 from adaptune.search.experiment import parse_experiment
 from adaptune.search.locations import optuna_storage_file, search_location
 from adaptune.search.resume import SEARCH_FILE
 from adaptune.search.tags import NODE_ID_TAG, PARENT_TAG, TRIAL_TAG
 from adaptune.trainables.errors import ConfigError
+from conftest import tiny_experiment, write_experiment
 from mlflow.tracking import MlflowClient
 
 RAY = str(Path(sys.executable).with_name("ray"))
 NAME = "cluster"
-EXPERIMENT = {
-    "name": NAME,
-    "run": {
-        "model": {"name": "tiny-gpt", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64},
+EXPERIMENT = tiny_experiment(
+    NAME,
+    run={
         "stream": {
-            "block_size": 32,
             "max_train_tokens": 2048,
-            "max_eval_blocks": 4,
             "tasks": [
                 {"name": "docs", "builtin": "python_docs"},
                 {"name": "code", "builtin": "python_source"},
             ],
         },
-        "optim": {"batch_size": 8, "schedule": "constant"},
-        "eval_batch_size": 8,
     },
-    "space": {"lr": {"loguniform": [1.0e-4, 1.0e-2]}},
-    "search": {"num_samples": 4, "max_concurrent": 2, "seed": 0, "scheduler": "fifo"},
-    "resources": {"cpus_per_trial": 1},
-}
+)
 
 
 def _free_port() -> int:
@@ -217,7 +209,7 @@ def two_node_cluster(tmp_path: Path) -> Iterator[Cluster]:
 def test_search_on_a_two_node_cluster(two_node_cluster: Cluster, tmp_path: Path) -> None:
     shared = tmp_path / "shared"  # "shared storage": both nodes see this machine's disk
     exp = EXPERIMENT | {"storage_path": shared.as_uri()}
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    write_experiment(tmp_path / "exp.yaml", exp)
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "adaptune.search.cli", "search", "exp.yaml",

@@ -22,6 +22,7 @@ from adaptune.trainables.components import (
     states,
 )
 from adaptune.trainables.config import ComponentsConfig, RunConfig
+from conftest import tiny_experiment
 from pydantic import BaseModel
 from torch import Tensor
 
@@ -99,23 +100,19 @@ def toy_registered(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _run_config(**toy: Any) -> RunConfig:
-    cfg = parse_run_config(
-        {
+    run = tiny_experiment(
+        run={
             "seed": 0,
-            "model": {"name": "tiny-gpt", "n_layer": 1, "n_embd": 32, "n_head": 2},
             "stream": {
-                "block_size": 32,
-                "max_train_tokens": 1024,
-                "max_eval_blocks": 4,
                 "tasks": [
                     {"name": "docs", "builtin": "python_docs"},
                     {"name": "code", "builtin": "python_source"},
                 ],
             },
-            "optim": {"batch_size": 8},
             "hardware": {"threads": 1},
         }
-    )
+    )["run"]
+    cfg = parse_run_config(run)
     components = ToyComponents(
         replay={"buffer_size": 64, "replay_fraction": 0.25}, toy=ToyConfig(**toy)
     )

@@ -19,15 +19,15 @@ from adaptune.search.experiment import (
 from adaptune.spaces import Dist
 from adaptune.trainables.config import HYPERPARAMETERS, RunConfig, parse_run_config
 from adaptune.trainables.errors import ConfigError
+from conftest import tiny_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 
-BASE: dict[str, Any] = {
-    "name": "unit",
-    "run": {
-        "model": {"name": "tiny-gpt", "n_layer": 1, "n_embd": 32, "n_head": 4},
+BASE = tiny_experiment(
+    "unit",
+    run={
+        "model": {"n_head": 4},
         "stream": {
-            "block_size": 32,
             "tasks": [
                 {"name": "docs", "builtin": "python_docs"},
                 {"name": "code", "builtin": "python_source"},
@@ -36,8 +36,7 @@ BASE: dict[str, Any] = {
         "optim": {"lr": 1e-3},
         "components": {"replay": {"buffer_size": 16}},
     },
-    "space": {"lr": {"loguniform": [1e-4, 1e-2]}},
-}
+)
 
 
 def edit(fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from adaptune.trainables.components import TaskContext
 from adaptune.trainables.components.ewc import EWC, estimate_fisher, ewc_penalty
 from adaptune.trainables.config import EWCConfig
 from adaptune.trainables.model import next_token_loss
+from conftest import tiny_experiment
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -122,9 +123,8 @@ def test_fisher_on_a_transformers_gpt_uses_vmap_and_matches_the_loop() -> None:
 
     torch.manual_seed(0)
     tok = ByT5Tokenizer()
-    model = build_model(
-        ModelConfig(name="tiny-gpt", n_layer=1, n_embd=32, n_head=2, n_positions=16), tok
-    ).eval()
+    tiny = tiny_experiment(run={"model": {"n_positions": 16}})["run"]["model"]
+    model = build_model(ModelConfig(**tiny), tok).eval()
     pad, attn = model.config.pad_token_id, model.config._attn_implementation
     assert pad is not None  # the check that used to break vmap is live on this model
     blocks = torch.randint(3, 250, (6, 16))

@@ -16,6 +16,7 @@ from adaptune.search.experiment import experiment_yaml, load_experiment, parse_e
 from adaptune.search.tags import CHAMPION_TAG, PARENT_TAG, TRIAL_TAG
 from adaptune.search.tracking import MlflowTrackingCallback
 from adaptune.spaces.tune import build_param_space
+from conftest import tiny_experiment, write_experiment
 from mlflow.tracking import MlflowClient
 
 TASKS = ["docs", "code"]
@@ -35,19 +36,18 @@ class FakeTrial:
 
 def _experiment(db: Path, name: str, **search: Any) -> Any:
     return parse_experiment(
-        {
-            "name": name,
-            "run": {"stream": {"tasks": [{"name": n, "builtin": "python_docs"} for n in TASKS]}},
-            "space": {
+        tiny_experiment(
+            name,
+            run={"stream": {"tasks": [{"name": n, "builtin": "python_docs"} for n in TASKS]}},
+            space={
                 "lr": {"loguniform": [1e-6, 1e-2]},
                 "buffer_size": {"int": [0, 64]},
                 "ewc_mode": {"choice": ["separate", "online"]},
                 "temperature": 3.0,  # fixed: written as is
             },
-            "search": search,
-            "resources": {"cpus_per_trial": 1},
-            "tracking": {"tracking_uri": f"sqlite:///{db}"},
-        }
+            search=search,
+            tracking={"tracking_uri": f"sqlite:///{db}"},
+        )
     )
 
 
@@ -243,31 +243,22 @@ def test_refusals_are_one_line_and_write_nothing(db: Path, tmp_path: Path, capsy
 
 # -- a real search, exported and trained again --------------------------------------------------
 
-TINY = {
-    "name": "rt",
-    "run": {
-        "model": {"name": "tiny-gpt", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64},
+TINY = tiny_experiment(
+    "rt",
+    run={
         "stream": {
-            "block_size": 32,
             "max_train_tokens": 2048,
-            "max_eval_blocks": 4,
             "tasks": [
                 {"name": "docs", "builtin": "python_docs"},
                 {"name": "unicode", "builtin": "unicode_names"},
             ],
         },
-        "optim": {"batch_size": 8},
+        "optim": {"schedule": "cosine"},
         "components": {"ewc": {"ewc_lambda": 10.0, "fisher_samples": 8}},
-        "eval_batch_size": 8,
     },
-    "space": {
-        "lr": {"loguniform": [1.0e-4, 1.0e-2]},
-        "buffer_size": {"choice": [0, 16]},
-        "seed": {"int": [0, 1000]},
-    },
-    "search": {"num_samples": 3, "max_concurrent": 2, "seed": 1, "scheduler": "fifo"},
-    "resources": {"cpus_per_trial": 1},
-}
+    space={"buffer_size": {"choice": [0, 16]}, "seed": {"int": [0, 1000]}},
+    search={"num_samples": 3, "seed": 1},
+)
 
 
 @pytest.mark.slow
@@ -277,7 +268,7 @@ def test_exported_winner_reproduces_its_stream_loss(
     import torch
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "rt.yaml").write_text(yaml.safe_dump(TINY))
+    write_experiment(tmp_path / "rt.yaml", TINY)
     assert main(["search", "rt.yaml"]) == 0, capsys.readouterr().err
     assert main(["export", "rt", "-o", "best.yaml"]) == 0, capsys.readouterr().err
     assert "trial" in capsys.readouterr().out

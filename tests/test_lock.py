@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from adaptune.search.lock import HEARTBEAT_FILE, LOCK_FILE, MODE_ENV, SearchLock
 from adaptune.search.resume import SEARCH_FILE
 from adaptune.trainables.errors import ConfigError
+from conftest import tiny_experiment, write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
@@ -158,27 +158,12 @@ def test_mode_follows_the_location_and_the_environment(tmp_path, monkeypatch) ->
 
 
 # -- the command line: a second driver on a running search --------------------------------------
-EXPERIMENT: dict[str, Any] = {
-    "name": "locked",
-    "run": {
-        "model": {"name": "tiny-gpt", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64},
-        "stream": {
-            "block_size": 32,
-            "max_train_tokens": 16384,
-            "max_eval_blocks": 4,
-            "tasks": [
-                {"name": "docs", "builtin": "python_docs"},
-                {"name": "code", "builtin": "python_source"},
-                {"name": "unicode", "builtin": "unicode_names"},
-            ],
-        },
-        "optim": {"batch_size": 8, "schedule": "constant"},
-        "eval_batch_size": 8,
-    },
-    "space": {"lr": {"loguniform": [1.0e-4, 2.0e-2]}, "buffer_size": {"choice": [0, 32]}},
-    "search": {"num_samples": 4, "max_concurrent": 2, "seed": 5, "scheduler": "fifo"},
-    "resources": {"cpus_per_trial": 1},
-}
+EXPERIMENT = tiny_experiment(
+    "locked",
+    run={"stream": {"max_train_tokens": 16384}},
+    space={"lr": {"loguniform": [1.0e-4, 2.0e-2]}, "buffer_size": {"choice": [0, 32]}},
+    search={"num_samples": 4, "seed": 5},
+)
 
 
 def _tree(root: int) -> set[int]:
@@ -243,7 +228,7 @@ def _second_driver(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[st
 
 @pytest.mark.slow
 def test_a_second_driver_is_refused_while_the_first_runs(tmp_path: Path) -> None:
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(EXPERIMENT))
+    write_experiment(tmp_path / "exp.yaml", EXPERIMENT)
     log = tmp_path / "first.log"
     with log.open("wb") as out:
         first = subprocess.Popen(

@@ -16,36 +16,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from adaptune.search.stores import check_tracking_server
 from adaptune.search.ui import free_port, stop, wait_until_up
 from adaptune.trainables.errors import ConfigError
+from conftest import tiny_experiment, write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "adaptune.trial_id"
 
-EXPERIMENT: dict[str, Any] = {
-    "name": "served",
-    "run": {
-        "model": {"name": "tiny-gpt", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64},
+EXPERIMENT = tiny_experiment(
+    "served",
+    run={
         "stream": {
-            "block_size": 32,
             "max_train_tokens": 4096,
-            "max_eval_blocks": 4,
             "tasks": [
                 {"name": "docs", "builtin": "python_docs"},
                 {"name": "code", "builtin": "python_source"},
             ],
         },
-        "optim": {"batch_size": 8, "schedule": "constant"},
-        "eval_batch_size": 8,
     },
-    "space": {"lr": {"loguniform": [1.0e-4, 2.0e-2]}},
-    "search": {"num_samples": 2, "max_concurrent": 2, "seed": 1, "scheduler": "fifo"},
-    "resources": {"cpus_per_trial": 1},
-}
+    space={"lr": {"loguniform": [1.0e-4, 2.0e-2]}},
+    search={"num_samples": 2, "seed": 1},
+)
 
 
 def _closed_port() -> int:
@@ -122,7 +116,7 @@ def test_search_with_no_server_at_the_tracking_uri_exits_2_before_ray(tmp_path: 
     """Needs ``check_tracking_server`` called by ``run_search`` before ``ray.init``."""
     uri = f"http://127.0.0.1:{_closed_port()}"
     data = EXPERIMENT | {"tracking": {"tracking_uri": uri}}
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(data))
+    write_experiment(tmp_path / "exp.yaml", data)
     # without the check MLflow's client retries for minutes; here it fails fast instead
     proc = _cli(tmp_path, "search", "exp.yaml", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
                 MLFLOW_HTTP_REQUEST_TIMEOUT="5")
@@ -159,9 +153,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                             start_new_session=True)
     try:
         wait_until_up(url, proc, timeout=180)
-        (work / "exp.yaml").write_text(
-            yaml.safe_dump(EXPERIMENT | {"tracking": {"tracking_uri": url}})
-        )
+        write_experiment(work / "exp.yaml", EXPERIMENT | {"tracking": {"tracking_uri": url}})
         search = _cli(work, "search", "exp.yaml", timeout=600)
         assert search.returncode == 0, search.stderr[-5000:]
         yield Served(url, root, work, search.stdout)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import sysconfig
-import textwrap
 import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import tiny_experiment, write_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,20 +72,25 @@ def test_the_installed_wheel_runs_beside_other_spaces_and_search_modules(
     (shadow / "trainables.py").write_text("raise ImportError('not adaptune trainables')\n")
     work = tmp_path / "elsewhere"
     work.mkdir()
-    exp = work / "tiny.yaml"
-    exp.write_text(textwrap.dedent("""\
-        name: wheel
-        run:
-          model: {name: tiny-gpt, n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64}
-          stream:
-            block_size: 64
-            max_train_tokens: 2048
-            max_eval_blocks: 2
-            tasks:
-              - {name: docs, builtin: python_docs}
-              - {name: names, builtin: unicode_names}
-          optim: {lr: 1.0e-3, batch_size: 4}
-        """))
+    write_experiment(
+        work / "tiny.yaml",
+        tiny_experiment(
+            "wheel",
+            run={
+                "stream": {
+                    "block_size": 64,
+                    "max_train_tokens": 2048,
+                    "max_eval_blocks": 2,
+                    "tasks": [
+                        {"name": "docs", "builtin": "python_docs"},
+                        {"name": "names", "builtin": "unicode_names"},
+                    ],
+                },
+                "optim": {"lr": 1.0e-3, "batch_size": 4, "schedule": None},
+                "eval_batch_size": None,
+            },
+        ),
+    )
     env = {"PYTHONPATH": str(shadow), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
            "HOME": str(tmp_path)}
     adaptune = venv / "bin" / "adaptune"

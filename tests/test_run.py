@@ -10,27 +10,22 @@ import pytest
 import torch
 from adaptune.trainables import TrainingDivergedError, parse_run_config, prepare, run_stream
 from adaptune.trainables.run import Prepared
+from conftest import tiny_experiment
 
 
 def small_run(**components: Any) -> dict[str, Any]:
     """The quickstart stream at test size: three built-in domains, a 2-layer GPT."""
-    return {
-        "seed": 0,
-        "model": {"name": "tiny-gpt", "n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 64},
-        "stream": {
-            "block_size": 64,
-            "max_train_tokens": 32768,
-            "max_eval_blocks": 16,
-            "tasks": [
-                {"name": "docs", "builtin": "python_docs"},
-                {"name": "code", "builtin": "python_source"},
-                {"name": "unicode", "builtin": "unicode_names"},
-            ],
-        },
-        "optim": {"lr": 3e-3, "batch_size": 16, "schedule": "cosine"},
-        "components": components,
-        "hardware": {"threads": 2},
-    }
+    return tiny_experiment(
+        run={
+            "seed": 0,
+            "model": {"n_layer": 2, "n_embd": 64, "n_head": 4},
+            "stream": {"block_size": 64, "max_train_tokens": 32768, "max_eval_blocks": 16},
+            "optim": {"lr": 3e-3, "batch_size": 16, "schedule": "cosine"},
+            "components": components,
+            "hardware": {"threads": 2},
+            "eval_batch_size": None,
+        }
+    )["run"]
 
 
 def collect(prep: Prepared, **kwargs: Any) -> tuple[list[dict[str, Any]], Any]:

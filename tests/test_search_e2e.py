@@ -13,44 +13,29 @@ from adaptune.search.cli import main
 from adaptune.search.experiment import parse_experiment
 from adaptune.search.tracking import PARENT_TAG, TRIAL_TAG
 from adaptune.trainables.errors import ConfigError
+from conftest import tiny_experiment, write_experiment
 from mlflow.tracking import MlflowClient
 
-EXPERIMENT = {
-    "name": "e2e",
-    "run": {
-        "model": {"name": "tiny-gpt", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64},
-        "stream": {
-            "block_size": 32,
-            "max_train_tokens": 4096,
-            "max_eval_blocks": 4,
-            "tasks": [
-                {"name": "docs", "builtin": "python_docs"},
-                {"name": "code", "builtin": "python_source"},
-                {"name": "unicode", "builtin": "unicode_names"},
-            ],
-        },
-        "optim": {"batch_size": 8, "schedule": "constant"},
-        "eval_batch_size": 8,
-    },
+EXPERIMENT = tiny_experiment(
+    "e2e",
+    run={"stream": {"max_train_tokens": 4096}},
     # lr over five decades: lr near 1e-6 leaves the model where it started, so ASHA stops it
-    "space": {"lr": {"loguniform": [1.0e-6, 2.0e-2]}, "buffer_size": {"choice": [0, 32]}},
-    "search": {
+    space={"lr": {"loguniform": [1.0e-6, 2.0e-2]}, "buffer_size": {"choice": [0, 32]}},
+    search={
         "num_samples": 6,
-        "max_concurrent": 2,
         "seed": 3,
         "scheduler": "asha",
         "grace_period": 1,
         "reduction_factor": 2,
     },
-    "resources": {"cpus_per_trial": 1},
-}
+)
 
 
 @pytest.mark.slow
 def test_search_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(EXPERIMENT))
+    write_experiment(tmp_path / "e2e.yaml", EXPERIMENT)
 
     assert main(["search", "e2e.yaml"]) == 0
     out = capsys.readouterr().out
@@ -154,7 +139,7 @@ def test_cli_search_refuses_before_writing_anything(tmp_path, monkeypatch, capsy
 
 def test_cli_search_refuses_an_existing_search_name(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(EXPERIMENT))
+    write_experiment(tmp_path / "e2e.yaml", EXPERIMENT)
     (tmp_path / "runs" / "ray" / "e2e").mkdir(parents=True)
     (tmp_path / "runs" / "ray" / "e2e" / "tuner.pkl").write_text("")
     assert main(["search", "e2e.yaml"]) == 2

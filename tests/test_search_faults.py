@@ -21,7 +21,6 @@ from typing import Any
 import cloudpickle
 import optuna
 import pytest
-import yaml
 from adaptune.search import tuner
 from adaptune.search.cli import main
 from adaptune.search.experiment import experiment_yaml, parse_experiment
@@ -35,6 +34,7 @@ from adaptune.search.tracking import (
     describe_error,
 )
 from adaptune.trainables.errors import TrainingDivergedError
+from conftest import tiny_experiment, write_experiment
 from mlflow.tracking import MlflowClient
 from ray.exceptions import RayTaskError
 
@@ -42,13 +42,11 @@ TASKS = ["docs", "names", "code"]
 RAISES, KILLED = 2, 3  # trial seeds that get a fault
 DIVERGES = 1e300  # ewc_lambda: λ·penalty overflows float32 at task 2's first step
 
-FAULTS: dict[str, Any] = {
-    "name": "faults",
-    "run": {
-        "model": {"name": "tiny-gpt", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32},
+FAULTS = tiny_experiment(
+    "faults",
+    run={
+        "model": {"n_positions": 32},
         "stream": {
-            "block_size": 32,
-            "max_train_tokens": 1024,
             "max_eval_blocks": 2,
             "tasks": [
                 {"name": "docs", "builtin": "python_docs"},
@@ -56,26 +54,17 @@ FAULTS: dict[str, Any] = {
                 {"name": "code", "builtin": "python_source", "max_docs": 200},
             ],
         },
-        "optim": {"batch_size": 8, "schedule": "constant"},
         "components": {"ewc": {"fisher_samples": 4}},
-        "eval_batch_size": 8,
         "hardware": {"threads": 1},
     },
-    "space": {
+    space={
+        "lr": None,
         "seed": {"choice": [0, 1, RAISES, KILLED]},
         "ewc_lambda": {"choice": [0.0, DIVERGES]},
     },
     # random sampler seed 2 draws (seed, ewc_lambda): (2, 0) (1, 0) (3, 0) (0, 0) (1, 1e300)
-    "search": {
-        "num_samples": 5,
-        "max_concurrent": 2,
-        "algorithm": "random",
-        "seed": 2,
-        "scheduler": "fifo",
-        "max_failures": 1,
-    },
-    "resources": {"cpus_per_trial": 1},
-}
+    search={"num_samples": 5, "algorithm": "random", "seed": 2, "max_failures": 1},
+)
 
 
 def fate(params: dict[str, Any]) -> str:
@@ -119,7 +108,7 @@ def test_search_survives_an_error_a_nan_and_a_killed_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "faults.yaml").write_text(yaml.safe_dump(FAULTS, sort_keys=False))
+    write_experiment(tmp_path / "faults.yaml", FAULTS)
     marker = tmp_path / "killed.txt"
     inject = faulty_trainable(tmp_path / "runs" / "ray" / "faults", marker)
     monkeypatch.setattr(tuner, "run_search", functools.partial(tuner.run_search, trainable=inject))
@@ -246,12 +235,12 @@ def test_a_dead_worker_without_a_pickle_uses_the_error_text(tmp_path: Path) -> N
 
 def test_callback_logs_the_error_tag_the_traceback_and_retries(tmp_path: Path) -> None:
     exp = parse_experiment(
-        {
-            "name": "cb-faults",
-            "run": {"stream": {"tasks": [{"name": n, "builtin": "python_docs"} for n in TASKS]}},
-            "space": {"seed": {"choice": [0, 1]}},
-            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-        }
+        tiny_experiment(
+            "cb-faults",
+            run={"stream": {"tasks": [{"name": n, "builtin": "python_docs"} for n in TASKS]}},
+            space={"lr": None, "seed": {"choice": [0, 1]}},
+            tracking={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        )
     )
     callback = MlflowTrackingCallback(exp, experiment_yaml=experiment_yaml(exp))
     callback.setup()

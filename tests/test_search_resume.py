@@ -16,7 +16,6 @@ from typing import Any
 
 import optuna
 import pytest
-import yaml
 from adaptune.search.cli import main
 from adaptune.search.experiment import experiment_yaml, parse_experiment
 from adaptune.search.resume import SEARCH_FILE
@@ -33,34 +32,20 @@ from adaptune.search.tracking import (
 )
 from adaptune.search.tuner import close_dangling_trials
 from adaptune.spaces.tune import build_param_space
+from conftest import tiny_experiment, write_experiment
 from mlflow.tracking import MlflowClient
 from ray import tune
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 3  # tasks in the stream
 
-EXPERIMENT: dict[str, Any] = {
-    "name": "resume",
-    "run": {
-        "model": {"name": "tiny-gpt", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64},
-        "stream": {
-            "block_size": 32,
-            # short tasks: the kill point freezes a trial midway, so it needs no slow machine
-            "max_train_tokens": 16384,
-            "max_eval_blocks": 4,
-            "tasks": [
-                {"name": "docs", "builtin": "python_docs"},
-                {"name": "code", "builtin": "python_source"},
-                {"name": "unicode", "builtin": "unicode_names"},
-            ],
-        },
-        "optim": {"batch_size": 8, "schedule": "constant"},
-        "eval_batch_size": 8,
-    },
-    "space": {"lr": {"loguniform": [1.0e-4, 2.0e-2]}, "buffer_size": {"choice": [0, 32]}},
-    "search": {"num_samples": 4, "max_concurrent": 2, "seed": 5, "scheduler": "fifo"},
-    "resources": {"cpus_per_trial": 1},
-}
+EXPERIMENT = tiny_experiment(
+    "resume",
+    # short tasks: the kill point freezes a trial midway, so it needs no slow machine
+    run={"stream": {"max_train_tokens": 16384}},
+    space={"lr": {"loguniform": [1.0e-4, 2.0e-2]}, "buffer_size": {"choice": [0, 32]}},
+    search={"num_samples": 4, "seed": 5},
+)
 
 
 # -- refusals: what the search directory holds -------------------------------------------------
@@ -74,7 +59,7 @@ def _search_dir(tmp_path: Path, info: dict[str, Any] | None = None) -> Path:
 
 
 def _refusal(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(EXPERIMENT))
+    write_experiment(tmp_path / "exp.yaml", EXPERIMENT)
     assert main(["search", "exp.yaml", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err  # one line
@@ -360,7 +345,7 @@ def _wait_for_kill_point(client: MlflowClient, proc: subprocess.Popen[bytes], lo
 def test_sigkilled_search_resumes_without_rerunning_or_duplicating(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(EXPERIMENT))
+    write_experiment(tmp_path / "exp.yaml", EXPERIMENT)
     db = tmp_path / "runs" / "mlflow.db"
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}

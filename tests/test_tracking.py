@@ -19,6 +19,7 @@ from adaptune.search.tracking import (
 )
 from adaptune.spaces.tune import build_param_space
 from adaptune.trainables.errors import ConfigError
+from conftest import tiny_experiment
 from mlflow.tracking import MlflowClient
 
 TASKS = ["docs", "code", "unicode"]
@@ -39,16 +40,12 @@ class FakeTrial:
 
 def _experiment(db: Path, name: str) -> Any:
     return parse_experiment(
-        {
-            "name": name,
-            "run": {"stream": {"tasks": [{"name": n, "builtin": "python_docs"} for n in TASKS]}},
-            "space": {
-                "lr": {"loguniform": [1e-4, 1e-2]},
-                "buffer_size": {"int": [0, 64]},
-                "temperature": 3.0,
-            },
-            "tracking": {"tracking_uri": f"sqlite:///{db}"},
-        }
+        tiny_experiment(
+            name,
+            run={"stream": {"tasks": [{"name": n, "builtin": "python_docs"} for n in TASKS]}},
+            space={"buffer_size": {"int": [0, 64]}, "temperature": 3.0},
+            tracking={"tracking_uri": f"sqlite:///{db}"},
+        )
     )
 
 

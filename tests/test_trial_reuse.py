@@ -14,38 +14,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from adaptune.search import tuner
 from adaptune.search.cli import main
+from conftest import tiny_experiment, write_experiment
 
-REUSE: dict[str, Any] = {
-    "name": "reuse",
-    "run": {
-        "model": {"name": "tiny-gpt", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32},
+REUSE = tiny_experiment(
+    "reuse",
+    run={
+        "model": {"n_positions": 32},
         "stream": {
-            "block_size": 32,
-            "max_train_tokens": 1024,
             "max_eval_blocks": 2,
             "tasks": [
                 {"name": "docs", "builtin": "python_docs"},
                 {"name": "names", "builtin": "unicode_names"},
             ],
         },
-        "optim": {"batch_size": 8, "schedule": "constant"},
         "components": {"ewc": {"fisher_samples": 4}, "distill": {"distill_alpha": 0.5}},
-        "eval_batch_size": 8,
         "hardware": {"threads": 1},
     },
-    "space": {"seed": {"choice": [0, 1, 2]}},
-    "search": {
-        "num_samples": 3,
-        "max_concurrent": 1,
-        "algorithm": "random",
-        "seed": 0,
-        "scheduler": "fifo",
-    },
-    "resources": {"cpus_per_trial": 1},
-}
+    space={"lr": None, "seed": {"choice": [0, 1, 2]}},
+    search={"num_samples": 3, "max_concurrent": 1, "algorithm": "random"},
+)
 
 
 def counting_trainable(out_dir: Path) -> Any:
@@ -82,7 +71,7 @@ def test_trials_in_one_worker_free_their_models(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "reuse.yaml").write_text(yaml.safe_dump(REUSE, sort_keys=False))
+    write_experiment(tmp_path / "reuse.yaml", REUSE)
     out = tmp_path / "counts"
     out.mkdir()
     counting = functools.partial(tuner.run_search, trainable=counting_trainable(out))

@@ -14,32 +14,28 @@ from adaptune.search.experiment import Experiment, parse_experiment
 from adaptune.search.local_ray import LOCAL_RAY_ENV, _new_sqlite_paths, local_cpu_count
 from adaptune.search.preload import preload_modules
 from adaptune.search.tuner import run_search
-
-SMALL = {
-    "name": "startup",
-    "run": {
-        "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32},
-        "stream": {
-            "block_size": 32,
-            "max_train_tokens": 1024,
-            "max_eval_blocks": 2,
-            "tasks": [
-                {"name": "docs", "builtin": "python_docs"},
-                {"name": "names", "builtin": "unicode_names"},
-            ],
-        },
-    },
-    "space": {"lr": {"loguniform": [1e-4, 1e-2]}},
-    "search": {"num_samples": 1},
-}
+from conftest import tiny_experiment
 
 
 def small_experiment(tmp_path: Path, db: Path) -> Experiment:
-    """SMALL with its Ray results under ``tmp_path / "ray"`` and its MLflow store at ``db``."""
-    data = dict(SMALL) | {
-        "storage_path": str(tmp_path / "ray"),
-        "tracking": {"tracking_uri": f"sqlite:///{db}"},
-    }
+    """A tiny search with its Ray results under ``tmp_path / "ray"`` and its MLflow store at
+    ``db``."""
+    data = tiny_experiment(
+        "startup",
+        run={
+            "model": {"n_positions": 32},
+            "stream": {
+                "max_eval_blocks": 2,
+                "tasks": [
+                    {"name": "docs", "builtin": "python_docs"},
+                    {"name": "names", "builtin": "unicode_names"},
+                ],
+            },
+        },
+        search={"num_samples": 1},
+        storage_path=str(tmp_path / "ray"),
+        tracking={"tracking_uri": f"sqlite:///{db}"},
+    )
     return parse_experiment(data, source="startup.yaml")
 
 
