@@ -28,33 +28,57 @@ def objective_metrics(exp: Experiment) -> dict[str, Direction]:
     return objectives(tasks, pretrain=exp.run.model.pretrain is not None)
 
 
-def check_search(exp: Experiment, *, resume: bool = False) -> None:
+def check_search(exp: Experiment, *, resume: bool = False, folder: bool = True) -> None:
     """Refuse a search that cannot work, before anything starts or is written.
 
     Args:
         exp: the experiment.
         resume: continue the interrupted search in ``<storage_path>/<name>`` instead of
             starting one there (see :mod:`search.resume`).
+        folder: check the search folder too (:func:`check_search_folder`); a caller that
+            checks data and model first passes False and checks the folder after them.
 
     Raises:
-        ConfigError: one line naming the field, the rule and the valid values; for the
-            search directory, what it holds (interrupted or finished search) and whether
-            ``--resume`` or ``--name`` applies.
+        ConfigError: one line per problem found (objective, scheduler, space), naming the
+            field, the rule and the valid values; then the tracking server; then, for the
+            search directory, what it holds and whether ``--resume`` or ``--name`` applies.
     """
-    check_objective(exp)
+    problems = search_problems(exp)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    check_tracking_server(exp.tracking.tracking_uri)
+    if folder:
+        check_search_folder(exp, resume=resume)
+
+
+def search_problems(exp: Experiment) -> list[str]:
+    """Every problem of the search settings, one line each (objective, mode, scheduler, space)."""
+    problems: list[str] = []
     s, T = exp.search, len(exp.run.stream.tasks)
+    for check in (check_objective, check_space_bounds):
+        try:
+            check(exp)
+        except ConfigError as err:
+            problems.extend(str(err).splitlines())
     if s.scheduler == "asha" and s.grace_period > T:
-        raise ConfigError(
+        problems.append(
             f"search.grace_period: must be <= the number of tasks ({T}), ASHA's max_t "
             f"(got {s.grace_period})"
         )
     if not any(isinstance(v, Dist) for v in exp.space.values()):
-        raise ConfigError(
+        problems.append(
             "space: nothing to search; give at least one distribution "
             "(loguniform, uniform, int, choice) or use `adaptune train`"
         )
-    check_space_bounds(exp)
-    check_tracking_server(exp.tracking.tracking_uri)
+    return problems
+
+
+def check_search_folder(exp: Experiment, *, resume: bool = False) -> None:
+    """The search folder ``<storage_path>/<name>`` must fit ``resume`` (no name clash).
+
+    Raises:
+        ConfigError: what the folder holds and whether ``--resume`` or ``--name`` applies.
+    """
     check_search_dir(
         inspect_search_dir(search_location(exp)),
         name=exp.name,
@@ -95,13 +119,20 @@ def check_space_bounds(exp: Experiment) -> None:
     """Every extreme value of every distribution must pass the run schema (lr <= 1, ...).
 
     Raises:
-        ConfigError: ``space.<name>: the value V is out of range: <the run schema's rule>``.
+        ConfigError: ``space.<name>: the value V is out of range: <the run schema's rule>``,
+            one line per value out of range.
     """
     base = exp.run.model_dump(mode="json")
+    problems: list[str] = []
     for name, spec in exp.space.items():
         values = list(spec.values()) if isinstance(spec, Dist) else [spec]
         for value in values:
-            _check_value(base, name, value)
+            try:
+                _check_value(base, name, value)
+            except ConfigError as err:
+                problems.append(str(err))
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def _check_value(base: dict[str, Any], name: str, value: Any) -> None:

@@ -1,7 +1,8 @@
 """``adaptune`` command line.
 
 Every user error (bad YAML, unknown key, out-of-range value, missing file or column, a model
-that cannot load) prints one line to stderr and exits with code 2 before anything is written.
+that cannot load) prints one line per error to stderr and exits with code 2 before anything is
+written.
 """
 
 from __future__ import annotations
@@ -9,14 +10,11 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import json
+import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 from adaptune.search import ui
 from adaptune.trainables.errors import ConfigError, TrainingDivergedError
@@ -31,9 +29,11 @@ def naming_file(path: str) -> Iterator[None]:
     try:
         yield
     except ConfigError as err:
-        if str(err).startswith(f"{path}: "):
+        lines = str(err).splitlines() or [""]
+        if all(line.startswith(f"{path}: ") for line in lines):
             raise
-        raise ConfigError(f"{path}: {err}") from None
+        named = (ln if ln.startswith(f"{path}: ") else f"{path}: {ln}" for ln in lines)
+        raise ConfigError("\n".join(named)) from None
 
 
 def format_matrix(matrix: list[list[float]], names: list[str], base: list[float] | None) -> str:
@@ -51,79 +51,64 @@ def format_matrix(matrix: list[list[float]], names: list[str], base: list[float]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from adaptune.search.api import train
+
+    if args.dry_run:
+        return _train_dry_run(args)
+    train(
+        args.experiment,
+        overrides=args.set,
+        out=args.out,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        tracking=not args.no_tracking,
+    )
+    return 0
+
+
+def _train_dry_run(args: argparse.Namespace) -> int:
+    """``adaptune train --dry-run``: every input check, then the resolved run; nothing written."""
+    import yaml
     from adaptune.search.experiment import load_experiment
-    from adaptune.trainables.run import prepare, run_stream
+    from adaptune.trainables.run import prepare
 
     exp = load_experiment(args.experiment, args.set)
-    out = Path(args.out or Path("runs") / "train" / exp.name)
-    ckpts = out / "checkpoints"
-    resume = None
-    if args.resume:
-        done = sorted(ckpts.glob("task-*"), key=lambda p: int(p.name.split("-")[1]))
-        if not done:
-            raise ConfigError(f"--resume: no checkpoint under {ckpts}")
-        resume = done[-1]
-    elif out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out: {out} already holds a run; pass --resume or another --out")
-    with naming_file(args.experiment):  # every input check happens here, before any write
+    with naming_file(args.experiment):
         prep = prepare(exp.run)
     names = [t.name for t in prep.tasks]
-    print(
-        f"adaptune train {exp.name}: {len(names)} tasks ({', '.join(names)}), "
-        f"{sum(t.train_tokens for t in prep.tasks):,} train tokens, model {exp.run.model.name}"
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-
-    def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
-        k = metrics["task_index"]
-        dest = ckpts / f"task-{k}"
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(ckpt_dir, dest)
-        print(
-            f"task {k}/{len(names)} {names[k - 1]:<16} stream_loss {metrics['stream_loss']:.4f}  "
-            f"seen {metrics['seen_loss']:.4f}  forgetting {metrics['forgetting']:.4f}  "
-            f"{metrics['train_tokens_per_s']:,.0f} tok/s  [{time.perf_counter() - start:.0f}s]",
-            flush=True,
-        )
-        scalars = {k: v for k, v in metrics.items() if k != "loss_matrix"}
-        (out / "metrics.jsonl").open("a").write(json.dumps(scalars) + "\n")
-
-    progress = run_stream(prep, report=report, resume_from=resume, stop_after=args.stop_after)
-    (out / "loss_matrix.json").write_text(
-        json.dumps(
-            {"tasks": names, "loss_matrix": progress.loss_matrix, "base": progress.base_losses}
-        )
-    )
-    print("\nloss matrix (nats/token; row = after training on, column = evaluated on)")
-    print(format_matrix(progress.loss_matrix, names, progress.base_losses or None))
-    print(f"\ncheckpoints: {ckpts}\nmetrics:     {out / 'metrics.jsonl'}")
+    print(f"adaptune train {exp.name} (dry run: nothing started, nothing written)")
+    print(f"{len(names)} tasks ({', '.join(names)}), "
+          f"{sum(t.train_tokens for t in prep.tasks):,} train tokens, model {exp.run.model.name}")
+    run = exp.run.model_dump(mode="json", exclude_none=True)
+    print(yaml.safe_dump({"run": run}, sort_keys=False), end="")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from adaptune.search.checks import check_search
+    from adaptune.search.api import search
+    from adaptune.search.checks import check_search, check_search_folder
     from adaptune.search.describe import describe_search
-    from adaptune.search.experiment import load_experiment
+    from adaptune.search.experiment import load_experiment, pinned_by_overrides
     from adaptune.search.summary import format_table
-    from adaptune.search.tuner import run_search
 
-    overrides = [*args.set, *([f"name={args.name}"] if args.name else [])]
+    overrides = list(args.set)
     if args.max_failures is not None:
         overrides.append(f"search.max_failures={args.max_failures}")
-    exp = load_experiment(args.experiment, overrides)
+    exp = load_experiment(args.experiment, overrides, search_name=args.name)
     if args.dry_run:
         from adaptune.trainables.run import prepare
 
         with naming_file(args.experiment):
-            check_search(exp, resume=args.resume)
-            prep = prepare(exp.run)
+            check_search(exp, resume=args.resume, folder=False)
+            prep = prepare(exp.run)  # data and model before the name clash: one round of fixes
+            check_search_folder(exp, resume=args.resume)
         print(describe_search(exp, prep))
+        for name, value in pinned_by_overrides(exp, args.set).items():
+            print(f"  {name} = {value!r} (fixed by --set)")
         return 0
     start = time.perf_counter()
     with naming_file(args.experiment):
-        summary = run_search(exp, address=args.address, resume=args.resume)
+        summary = search(exp, address=args.address, resume=args.resume).summary
     if summary.interrupted:
         print(f"adaptune: search {exp.name} interrupted; continue it with "
               f"`adaptune search {args.experiment} --resume` (same --set/--name)", file=sys.stderr)
@@ -140,10 +125,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 1
     print(f"champion: {summary.model_uri} (version {summary.model_version}, "
           f"trial {summary.best.trial_id if summary.best else '?'})")
-    mlflow_name = exp.tracking.experiment_name or exp.name
     lines = [
         (f"adaptune ui {args.experiment}", "the trials in the MLflow UI, best first"),
-        (f"adaptune export {mlflow_name} -o best.yaml", "the winner as a runnable experiment"),
+        (f"adaptune export {exp.name} -o best.yaml", "the winner as a runnable experiment"),
         ("adaptune train best.yaml", "rerun it"),
     ]
     width = max(len(cmd) for cmd, _ in lines)
@@ -158,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="adaptune",
         description="Search continual-learning hyperparameters for language models.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run one continual-learning run with fixed values")
@@ -170,15 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--stop-after", type=int, default=None, metavar="K",
                        help="stop after K tasks (resume later with --resume)")
+    train.add_argument("--no-tracking", action="store_true",
+                       help="do not log the run to MLflow (default: the experiment's tracking)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check everything and print the resolved run; write nothing")
     train.set_defaults(func=cmd_train)
 
     search = sub.add_parser("search", help="search hyperparameters with Ray Tune + Optuna + ASHA")
     search.add_argument("experiment", help="experiment YAML file")
     search.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a hyperparameter (lr=3e-4) or a dotted path (search.num_samples=4)",
+        help="override a hyperparameter (lr=3e-4: pinned, not searched) or a dotted path "
+             "(search.num_samples=4, space.lr='{loguniform: [1e-4, 1e-3]}')",
     )
-    search.add_argument("--name", help="search name (default: the experiment's name)")
+    search.add_argument("--name", help="search name: Ray folder, Optuna study, MLflow parent "
+                                       "run (default: the experiment's name)")
     search.add_argument("--resume", action="store_true",
                         help="continue the interrupted search of this name: finished trials "
                              "are kept, unfinished ones restart from their last task checkpoint")
@@ -199,13 +190,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("adaptune")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _HubMetadataFilter(logging.Filter):
+    """Drops MLflow's warnings about the hub metadata (model card, licence) of a model it
+    saves: the champion is a local checkpoint with neither, and offline the hub is unreachable."""
+
+    NOISE = (
+        "The model card could not be retrieved",
+        "Unable to find license information",
+        "Failed to download the license file",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("mlflow.transformers").addFilter(_HubMetadataFilter())
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except ConfigError as err:
-        print(f"adaptune: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines() or [""]:
+            print(f"adaptune: error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDivergedError as err:
         print(f"adaptune: training diverged: {err}", file=sys.stderr)

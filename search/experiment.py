@@ -8,6 +8,7 @@ Every problem becomes one :class:`ConfigError` line: ``file: field.path: rule (g
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,8 +19,9 @@ from adaptune.spaces.paths import set_path
 from adaptune.trainables.config import (
     HYPERPARAMETERS,
     RunConfig,
-    format_validation_error,
+    format_validation_errors,
     register_schema,
+    with_local_inputs,
 )
 from adaptune.trainables.errors import ConfigError
 from adaptune.trainables.metrics import direction
@@ -101,7 +103,8 @@ register_schema(Experiment)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one, and
+    reads ``3e-4`` and ``1e5`` as numbers (YAML 1.2; PyYAML's YAML 1.1 wants ``3.0e-4``)."""
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -120,6 +123,22 @@ _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
     _construct_mapping,  # type: ignore[arg-type]
 )
+# YAML 1.2's float: an exponent without a dot (`3e-4`, `1e5`); ints stay ints (`1_000`, `16`).
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml_text(text: str) -> Any:
+    """Parse YAML text with the experiment file's rules (duplicate keys refused, ``3e-4`` a
+    number).
+
+    Raises:
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -128,7 +147,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: experiment file not found")
     try:
-        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
+        data = parse_yaml_text(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -141,34 +160,78 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key=value`` overrides; ``key`` is a hyperparameter name (``lr``) or a dotted
-    path (``run.stream.max_train_tokens``); ``value`` is parsed as YAML."""
+    path (``run.stream.max_train_tokens``); ``value`` is parsed as YAML (``3e-4`` a number).
+
+    A hyperparameter the space searches (``lr`` in ``space``, or a preset) is pinned: the
+    value goes into ``run`` and into ``space`` as a fixed value, so this search does not vary it.
+
+    Raises:
+        ConfigError: one line naming the ``--set`` item: no ``=``, invalid YAML, or a path
+            through something other than a mapping.
+    """
     data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = parse_yaml_text(raw)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {problem}") from None
         path = ("run", *HYPERPARAMETERS[key]) if key in HYPERPARAMETERS else tuple(key.split("."))
         try:
-            set_path(data, path, yaml.safe_load(raw))
+            set_path(data, path, value)
+            space = data.get("space")
+            if key in HYPERPARAMETERS and isinstance(space, dict) and (
+                key in space or "preset" in space
+            ):
+                space[key] = value
         except TypeError as err:
             raise ConfigError(f"--set {item!r}: {err}") from None
     return data
 
 
+def pinned_by_overrides(exp: Experiment, overrides: list[str]) -> dict[str, Any]:
+    """The hyperparameters that ``overrides`` fixed in the space: name -> value."""
+    names = {item.partition("=")[0] for item in overrides}
+    return {
+        n: exp.space[n] for n in HYPERPARAMETERS if n in names and n in exp.space
+    }
+
+
 def parse_experiment(data: dict[str, Any], source: str = "<experiment>") -> Experiment:
+    """Validate an experiment mapping.
+
+    Raises:
+        ConfigError: one line per error (every error of the mapping, not only the first).
+    """
     try:
         return Experiment.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source=source)) from None
+        raise ConfigError("\n".join(format_validation_errors(err, source=source))) from None
     except ValueError as err:  # from check_space, outside pydantic's wrapping
         raise ConfigError(f"{source}: space: {err}") from None
 
 
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+def load_experiment(
+    path: str | Path, overrides: list[str] | None = None, *, search_name: str | None = None
+) -> Experiment:
     """Read, override and validate an experiment file.
 
+    Relative input paths in ``run`` (data files, local model, tokenizer and dataset folders)
+    are resolved against the file's folder.
+
+    Args:
+        path: the experiment YAML file.
+        overrides: ``--set KEY=VALUE`` items (:func:`apply_overrides`).
+        search_name: ``--name``: names this search (Ray folder, Optuna study, parent run)
+            instead of the file's ``name``; the MLflow experiment and the registered model
+            keep the file's name unless ``tracking`` names them.
+
     Raises:
-        ConfigError: one line naming the file, the field, the rule and the valid values.
+        ConfigError: one line per error, naming the file, the field, the rule and the valid
+            values.
 
     Example:
         >>> exp = load_experiment("experiments/quickstart.yaml", ["lr=3e-4"])
@@ -176,7 +239,28 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         0.0003
     """
     data = apply_overrides(read_yaml(path), overrides or [])
-    return parse_experiment(data, source=str(path))
+    if search_name is not None:
+        data = with_search_name(data, search_name)
+    exp = parse_experiment(data, source=str(path))
+    run = with_local_inputs(exp.run, Path(path).resolve().parent)
+    return exp.model_copy(update={"run": run}) if run != exp.run else exp
+
+
+def with_search_name(data: dict[str, Any], search_name: str) -> dict[str, Any]:
+    """``data`` renamed to ``search_name``, its MLflow experiment and registered model left
+    under the file's ``name`` (so every search of one file lands in one MLflow experiment)."""
+    data = dict(data)
+    base = data.get("name")
+    tracking = data.get("tracking")
+    if isinstance(base, str) and (tracking is None or isinstance(tracking, dict)):
+        tracking = dict(tracking or {})
+        if tracking.get("experiment_name") is None:
+            tracking["experiment_name"] = base
+        if tracking.get("registered_model_name") is None:
+            tracking["registered_model_name"] = f"adaptune-{base}"
+        data["tracking"] = tracking
+    data["name"] = search_name
+    return data
 
 
 def experiment_yaml(exp: Experiment) -> str:

@@ -1,7 +1,8 @@
 """``adaptune export``: the winner of a search as a runnable experiment with fixed values.
 
-The search is found in MLflow by experiment name (its latest FINISHED parent run) or by run id
-(a parent run, or one trial's child run to export that trial). The winner is the parent's
+The search is found in MLflow by its name (``--name``, else the experiment's: its latest
+FINISHED parent run of that name), by MLflow experiment name (its latest FINISHED search), or by
+run id (a parent run, or one trial's child run to export that trial). The winner is the parent's
 champion (tag ``adaptune.champion_trial_id``), else its best FINISHED trial by the search's
 objective. Its searched values are written into ``run`` of the experiment YAML logged on the
 parent run, ``space`` is emptied, and ``run.hardware`` is pinned to the CPU threads (and CPU
@@ -17,8 +18,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +32,13 @@ from adaptune.search.experiment import Experiment, experiment_yaml, parse_experi
 from adaptune.search.stores import DEFAULT_TRACKING_URI, check_tracking_server, existing_store
 from adaptune.search.tags import (
     CHAMPION_TAG,
+    CUDA_TAG,
     KIND_SEARCH,
     KIND_TAG,
+    OPTUNA_STUDY_TAG,
     PARENT_TAG,
     TASKS_DONE_TAG,
+    THREADS_TAG,
     TRIAL_TAG,
 )
 from adaptune.spaces import Dist
@@ -40,6 +46,7 @@ from adaptune.spaces.paths import get_hp, set_hp
 from adaptune.trainables.errors import ConfigError
 
 EXPERIMENT_ARTIFACT = "experiment.yaml"  # the resolved experiment, logged on the parent run
+_RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,23 @@ def _all_runs(client: Any, experiment_ids: list[str], filter_string: str) -> lis
             return runs
 
 
+def _search_runs(client: Any, experiment_ids: list[str], extra: str = "") -> list[Any]:
+    """The parent runs of searches in ``experiment_ids`` (``extra``: more filter clauses)."""
+    where = f"tags.`{KIND_TAG}` = '{KIND_SEARCH}'{extra}"
+    return [r for r in _all_runs(client, experiment_ids, where) if PARENT_TAG not in r.data.tags]
+
+
+def _latest_finished(parents: list[Any], what: str) -> Any:
+    finished = [r for r in parents if r.info.status == "FINISHED"]
+    if not finished:
+        seen = ", ".join(sorted({r.info.status for r in parents})) or "none"
+        raise ConfigError(
+            f"{what} holds no FINISHED search (search runs found: {len(parents)}, statuses: "
+            f"{seen}); pass --run-id to export from an unfinished one"
+        )
+    return max(finished, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
 def find_search(client: Any, experiment_name: str) -> Any:
     """The latest FINISHED parent run of the MLflow experiment ``experiment_name``.
 
@@ -87,20 +111,32 @@ def find_search(client: Any, experiment_name: str) -> Any:
         names = sorted(e.name for e in client.search_experiments())
         valid = f"; experiments in this store: {', '.join(names)}" if names else ""
         raise ConfigError(f"no MLflow experiment named {experiment_name!r}{valid}")
-    parents = [
-        r
-        for r in _all_runs(client, [found.experiment_id], f"tags.`{KIND_TAG}` = '{KIND_SEARCH}'")
-        if PARENT_TAG not in r.data.tags
-    ]
-    finished = [r for r in parents if r.info.status == "FINISHED"]
-    if not finished:
-        seen = ", ".join(sorted({r.info.status for r in parents})) or "none"
-        raise ConfigError(
-            f"MLflow experiment {experiment_name!r} holds no FINISHED search "
-            f"(search runs found: {len(parents)}, statuses: {seen}); "
-            "pass --run-id to export from an unfinished one"
-        )
-    return max(finished, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    parents = _search_runs(client, [found.experiment_id])
+    return _latest_finished(parents, f"MLflow experiment {experiment_name!r}")
+
+
+def find_named_search(client: Any, name: str) -> Any:
+    """The latest FINISHED search named ``name`` (``--name``, else the experiment's ``name``)
+    in any MLflow experiment of the store, else the latest of the MLflow experiment ``name``.
+
+    Raises:
+        ConfigError: neither a search nor an MLflow experiment of that name, or nothing
+            FINISHED under it.
+    """
+    ids = [e.experiment_id for e in client.search_experiments()]
+    named = _search_runs(client, ids, f" and tags.`{OPTUNA_STUDY_TAG}` = '{name}'") if ids else []
+    if named:
+        return _latest_finished(named, f"the search {name!r}")
+    if client.get_experiment_by_name(name) is not None:
+        return find_search(client, name)
+    searches = sorted({_search_name(r) for r in _search_runs(client, ids)} if ids else set())
+    valid = f"; searches in this store: {', '.join(searches)}" if searches else ""
+    raise ConfigError(f"no MLflow experiment named {name!r} and no search of that name{valid}")
+
+
+def _search_name(parent: Any) -> str:
+    tags = parent.data.tags
+    return str(tags.get(OPTUNA_STUDY_TAG) or (parent.info.run_name or "?").removeprefix("search-"))
 
 
 def _get_run(client: Any, run_id: str) -> Any:
@@ -176,7 +212,15 @@ def pick_winner(client: Any, parent: Any, exp: Experiment) -> tuple[Any, str]:
 def resolve(
     client: Any, *, experiment_name: str | None = None, run_id: str | None = None
 ) -> tuple[Any, Any, Experiment, str]:
-    """(parent run, winning child run, the search's experiment, how the winner was chosen)."""
+    """(parent run, winning child run, the search's experiment, how the winner was chosen).
+
+    ``experiment_name`` may be a search's name, an MLflow experiment's or a run id.
+    """
+    if run_id is None and experiment_name is not None and _RUN_ID.fullmatch(experiment_name):
+        from mlflow.exceptions import MlflowException
+
+        with contextlib.suppress(MlflowException):
+            run_id = client.get_run(experiment_name).info.run_id
     if run_id is not None:
         run = _get_run(client, run_id)
         parent_id = run.data.tags.get(PARENT_TAG)
@@ -195,7 +239,7 @@ def resolve(
             return parent, run, exp, "requested trial"
     else:
         assert experiment_name is not None
-        parent = find_search(client, experiment_name)
+        parent = find_named_search(client, experiment_name)
     if parent.data.tags.get(KIND_TAG) != KIND_SEARCH:
         raise ConfigError(f"run {parent.info.run_id} is not an adaptune search run")
     exp = read_experiment(client, parent)
@@ -226,13 +270,15 @@ def fixed_experiment(
             value = spec
         set_hp(data["run"], key, value)
 
-    metrics = child.data.metrics
+    # tags since settings stopped being logged as metrics; an older search has the metrics
+    settings = {**child.data.metrics, **child.data.tags}
     hardware = data["run"].setdefault("hardware", {})
-    threads = metrics.get("threads")
+    threads = settings.get(THREADS_TAG, settings.get("threads"))
     if threads is None:  # a run that did not log it: the threads the trial was given
         threads = exp.run.hardware.threads or max(1, int(exp.resources.cpus_per_trial))
     hardware["threads"] = int(threads)
-    cuda = metrics.get("cuda")
+    cuda = settings.get(CUDA_TAG, settings.get("cuda"))
+    cuda = None if cuda is None else int(cuda)
     if cuda is not None and not cuda and hardware.get("device", "auto") == "auto":
         # on a machine with a GPU, `auto` in `adaptune train` would pick CUDA
         hardware["device"] = "cpu"
@@ -289,7 +335,8 @@ def export_best(
     """Write the winner of a search as a runnable experiment.
 
     Args:
-        experiment_name: the MLflow experiment; its latest FINISHED search is used.
+        experiment_name: a search's name, an MLflow experiment (its latest FINISHED search)
+            or a parent run id.
         run_id: instead, a search's parent run id, or a trial's child run id.
         out: the file to write.
         tracking_uri: the MLflow store (a relative ``sqlite:///`` path is taken from the cwd).
@@ -362,7 +409,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     export.add_argument(
         "experiment", nargs="?",
-        help="MLflow experiment name (its latest finished search), or the experiment YAML",
+        help="a search's name (its latest finished run), an MLflow experiment name (its "
+             "latest finished search), a parent run id, or the experiment YAML",
     )
     export.add_argument("--run-id", help="a search's parent run id, or one trial's run id")
     export.add_argument("-o", "--out", default="best.yaml", help="file to write (best.yaml)")

@@ -1,7 +1,8 @@
 """The names adaptune gives its MLflow tags (and its Optuna user attributes).
 
 One search = one parent run (``KIND_TAG`` = ``search``) with one child run per trial
-(``KIND_TAG`` = ``trial``, ``PARENT_TAG`` = the parent's id). Every module that writes or reads
+(``KIND_TAG`` = ``trial``, ``PARENT_TAG`` = the parent's id); ``adaptune train`` makes one
+standalone run (``KIND_TAG`` = ``train``). Every module that writes or reads
 these names imports them from here; this module imports nothing, so the commands that only read
 a store (``adaptune export``, ``adaptune ui``) do not load Ray to know them.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 KIND_TAG = "adaptune.kind"
 KIND_SEARCH = "search"  # KIND_TAG of a parent run
 KIND_TRIAL = "trial"  # KIND_TAG of a child run
+KIND_TRAIN = "train"  # KIND_TAG of a standalone run (`adaptune train`), under no search
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a child run under its parent
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own
 
@@ -22,7 +24,10 @@ RESUMES_TAG = "adaptune.resumes"  # times the search was resumed (--resume)
 OPTUNA_STORAGE_TAG = "adaptune.optuna_storage"  # the study's storage URL
 OPTUNA_STUDY_TAG = "adaptune.optuna_study"  # the study's name
 SEARCH_DIR_TAG = "adaptune.search_dir"  # <storage_path>/<name>: Ray Tune's state
+SEARCHED_TAG = "adaptune.searched"  # the searched hyperparameters' names, comma-separated
 CHAMPION_TAG = "adaptune.champion_trial_id"  # the trial registered as @champion
+CHAMPION_RUN_TAG = "adaptune.champion_run_id"  # that trial's run, which holds the model
+CHAMPION_URI_TAG = "adaptune.champion_model"  # models:/NAME@champion
 
 # -- a child run (one trial) ------------------------------------------------------------------
 TRIAL_TAG = "adaptune.trial_id"  # Ray's trial id; also on the champion's model and version
@@ -32,6 +37,9 @@ LAST_FAILURE_TAG = "adaptune.last_failure"  # the line of the failure Ray last r
 FAILURES_TAG = "adaptune.failures"  # times Ray retried the trial (FailureConfig)
 STARTS_TAG = "adaptune.starts"  # times Ray started the trial: first start, retries, resumes
 LOST_TAG = "adaptune.lost_trial_id"  # on an adopted run: the Ray trial id it started under
+# the settings the trial ran with (numbers, but not measurements); `adaptune export` pins them
+THREADS_TAG = "adaptune.threads"  # torch CPU threads
+CUDA_TAG = "adaptune.cuda"  # 1 if the trial ran on a CUDA device, else 0
 # where the trial's latest result came from
 NODE_ID_TAG = "adaptune.node_id"  # the Ray node (reported by the trainable)
 NODE_IP_TAG = "adaptune.node_ip"

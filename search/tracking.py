@@ -4,16 +4,20 @@ Ray's ``MLflowLoggerCallback`` makes flat runs and, since Ray 2.10, uploads no a
 callback runs on the driver, so workers need no MLflow access:
 
 - parent run: tags ``adaptune.experiment_hash`` (sha256 of the resolved experiment YAML), the git
-  commit, the Optuna study; params = the search settings; artifact ``experiment.yaml``.
+  commit, the Optuna study, ``adaptune.searched`` (the searched names); params = the search
+  settings; artifact ``experiment.yaml``.
 - child run per trial (tag ``mlflow.parentRunId``, ``adaptune.trial_id``), looked up by tag before
-  it is created so a restarted or resumed trial never gets a second one; params = the searched
-  hyperparameters by their flat names; every numeric metric at step = task index; where the trial
-  last ran as tags ``adaptune.node_id`` (Ray node), ``adaptune.node_ip``, ``adaptune.hostname``,
-  ``adaptune.pid``; at the end the loss matrix as JSON and as a heatmap, and status FINISHED
-  (all tasks), KILLED (stopped early by the scheduler) or FAILED (tag ``adaptune.error`` = the
-  error's type, first line and the task where it happened; artifact ``error.txt`` = the
-  traceback). A trial that FailureConfig retries keeps its run (tag ``adaptune.failures`` =
-  retries so far).
+  it is created so a restarted or resumed trial never gets a second one; named
+  ``t<NN>-<trial id>`` (NN = its place among the search's trials: what tells trials apart comes
+  first); params = every hyperparameter of the resolved run config by its flat name, searched
+  or fixed; every numeric measurement as a metric at step = task index; the settings the trial
+  ran with (torch threads, CUDA or not) and where it last ran as tags (``adaptune.threads``,
+  ``adaptune.cuda``, ``adaptune.node_id`` (Ray node), ``adaptune.node_ip``,
+  ``adaptune.hostname``, ``adaptune.pid``); at the end the loss matrix as JSON and as a
+  heatmap, and status FINISHED (all tasks), KILLED (stopped early by the scheduler) or FAILED
+  (tag ``adaptune.error`` = the error's type, first line and the task where it happened;
+  artifact ``error.txt`` = the traceback). A trial that FailureConfig retries keeps its run
+  (tag ``adaptune.failures`` = retries so far).
 - a resumed search (``adaptune search --resume``) reuses the parent run (:meth:`resume_parent`)
   and every child: tag ``adaptune.starts`` counts the times Ray started a trial (1 unless it was
   retried or resumed). A trial Ray started but had not yet recorded when the driver died is
@@ -23,6 +27,7 @@ callback runs on the driver, so workers need no MLflow access:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
@@ -34,6 +39,7 @@ from typing import Any
 
 from adaptune.search.stores import resolve_tracking_uri, sqlite_file
 from adaptune.search.tags import (
+    CUDA_TAG,
     ERROR_TAG,
     FAILURES_TAG,
     GIT_COMMIT_TAG,
@@ -50,23 +56,28 @@ from adaptune.search.tags import (
     PARENT_TAG,
     PID_TAG,
     RESUMES_TAG,
+    SEARCHED_TAG,
     STARTS_TAG,
     TASKS_DONE_TAG,
+    THREADS_TAG,
     TRIAL_TAG,
 )
-from adaptune.spaces.paths import get_hp
+from adaptune.spaces import Dist
+from adaptune.spaces.paths import get_hp, get_path
+from adaptune.trainables.config import HYPERPARAMETERS
 from adaptune.trainables.errors import TrainingDivergedError
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-# result field -> child-run tag: where the trial ran (node_id from the trainable, the rest Ray's)
-_WHERE_TAGS = {"node_id": NODE_ID_TAG, "node_ip": NODE_IP_TAG, "hostname": HOSTNAME_TAG,
-               "pid": PID_TAG}
+# result field -> child-run tag: the settings the trial ran with (from the trainable) and where it
+# ran (node_id from the trainable, the rest Ray's); numbers here are not measurements
+_WHERE_TAGS = {"threads": THREADS_TAG, "cuda": CUDA_TAG, "node_id": NODE_ID_TAG,
+               "node_ip": NODE_IP_TAG, "hostname": HOSTNAME_TAG, "pid": PID_TAG}
 ERROR_ARTIFACT = "error.txt"  # Ray's error file: every failure with its traceback
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Ray's bookkeeping values that are numbers but not measurements
-_SKIP = {"loss_matrix", "pid", "timestamp", "done", "should_checkpoint", "trial_id"}
+_SKIP = {"loss_matrix", "timestamp", "done", "should_checkpoint", "trial_id", *_WHERE_TAGS}
 
 
 def experiment_hash(yaml_text: str) -> str:
@@ -117,6 +128,21 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
 def searched_params(config: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """The trial's values for ``names`` (flat hyperparameter names), read from the nested config."""
     return {name: get_hp(config, name) for name in names}
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, str]:
+    """Every hyperparameter in a trial's resolved run config, searched or fixed, as MLflow
+    params (flat name -> string; ``None`` as ``"None"``); names the config lacks are left out."""
+    params = {}
+    for name, path in HYPERPARAMETERS.items():
+        with contextlib.suppress(KeyError, TypeError):
+            params[name] = str(get_path(config, path))
+    return params
+
+
+def run_name(number: int, trial_id: str) -> str:
+    """A trial run's name: ``t07-6f7d236e`` (its place in the search, then Ray's trial id)."""
+    return f"t{number:02d}-{trial_id}"
 
 
 def loss_matrix_figure(matrix: list[list[float]], task_names: list[str]) -> Any:
@@ -250,10 +276,12 @@ class MlflowTrackingCallback(Callback):
             self.client, self.experiment_name, self.tracking_uri
         )
         s = self.exp.search
+        searched = [n for n, spec in self.exp.space.items() if isinstance(spec, Dist)]
         tags = {
             HASH_TAG: experiment_hash(self.experiment_yaml),
             KIND_TAG: KIND_SEARCH,
             OBJECTIVE_TAG: f"{s.metric} ({s.mode})",
+            SEARCHED_TAG: ",".join(searched),
             **self.extra_tags,
         }
         commit = git_commit()
@@ -294,38 +322,39 @@ class MlflowTrackingCallback(Callback):
         trial_id = str(trial.trial_id)
         if trial_id in self._children:
             return self._children[trial_id]
-        parent = self.start_parent()
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent}'",
-            max_results=1,
-        )
+        found = self.trial_run_id(trial_id)
         adopted = self._adopt_lost_run(trial, trials) if not found and trials else None
         if found:
-            run_id = found[0].info.run_id
+            run_id = found
             self.client.update_run(run_id, status="RUNNING")
         elif adopted:
             run_id = adopted
         else:
+            tags = {PARENT_TAG: self.start_parent(), TRIAL_TAG: trial_id, KIND_TAG: KIND_TRIAL}
+            number = len(self._children_of_parent()) + 1
             run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"{self.exp.name}-{trial_id}",
-                tags={PARENT_TAG: parent, TRIAL_TAG: trial_id, KIND_TAG: KIND_TRIAL},
+                self.experiment_id, run_name=run_name(number, trial_id), tags=tags
             )
             run_id = run.info.run_id
-            params = searched_params(trial.config, self.param_names)
-            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            params = trial_params(trial.config)
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
         self._children[trial_id] = run_id
         return run_id
 
+    def trial_run_id(self, trial_id: str) -> str | None:
+        """The run of the trial ``trial_id`` in this search, if it has one (cached, else by tag)."""
+        if trial_id in self._children:
+            return self._children[trial_id]
+        found = self._children_of_parent(f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
+        return str(found[0].info.run_id) if found else None
+
+    def _children_of_parent(self, where: str = "", max_results: int = 10_000) -> list[Any]:
+        query = f"tags.`{PARENT_TAG}` = '{self.start_parent()}'"
+        query += f" and {where}" if where else ""
+        return list(self.client.search_runs([self.experiment_id], query, max_results=max_results))
+
     def _running_children(self) -> list[Any]:
-        parent = self.start_parent()
-        return list(
-            self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and attributes.status = 'RUNNING'",
-            )
-        )
+        return self._children_of_parent("attributes.status = 'RUNNING'")
 
     def _adopt_lost_run(self, trial: Any, trials: list[Any]) -> str | None:
         """A RUNNING child whose Ray trial is gone and whose parameters are ``trial``'s.
@@ -335,7 +364,7 @@ class MlflowTrackingCallback(Callback):
         same Optuna trial (same parameters) to a new Ray trial, which takes the run over.
         """
         live = {str(t.trial_id) for t in trials}
-        params = {k: str(v) for k, v in searched_params(trial.config, self.param_names).items()}
+        params = trial_params(trial.config)
         for run in self._running_children():
             lost = run.data.tags.get(TRIAL_TAG)
             if lost not in live and run.data.params == params:
@@ -343,7 +372,9 @@ class MlflowTrackingCallback(Callback):
                 self.client.log_batch(
                     run_id, tags=[RunTag(TRIAL_TAG, str(trial.trial_id)), RunTag(LOST_TAG, lost)]
                 )
-                self.client.update_run(run_id, name=f"{self.exp.name}-{trial.trial_id}")
+                number = run.info.run_name.split("-", 1)[0].removeprefix("t")
+                name = run_name(int(number) if number.isdigit() else 0, str(trial.trial_id))
+                self.client.update_run(run_id, name=name)
                 return str(run_id)
         return None
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptune.search.champion import publish_champion
-from adaptune.search.checks import check_search
+from adaptune.search.checks import check_search, check_search_folder
 from adaptune.search.experiment import Experiment, experiment_yaml
 from adaptune.search.local_ray import start_ray
 from adaptune.search.locations import (
@@ -75,6 +75,7 @@ def build_tuner(
     callback: MlflowTrackingCallback,
     searcher: ContinualOptunaSearch,
     trainable: Trainable,
+    quiet: bool = False,
 ) -> Any:
     """The ``ray.tune.Tuner`` for ``exp`` (call :func:`search.checks.check_search` first).
 
@@ -84,6 +85,7 @@ def build_tuner(
         searcher: the Optuna searcher (:func:`search.searcher.build_searcher`).
         trainable: the function trainable (:func:`trainables.trainable.continual_trainable`;
             tests pass one that injects faults).
+        quiet: no progress table (Tune's ``verbose=0``).
     """
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -131,7 +133,7 @@ def build_tuner(
             callbacks=[callback],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            verbose=1,
+            verbose=0 if quiet else 1,
             progress_reporter=reporter,
         ),
     )
@@ -197,6 +199,7 @@ def run_search(
     address: str | None = None,
     trainable: Trainable | None = None,
     resume: bool = False,
+    quiet: bool = False,
 ) -> SearchSummary:
     """Check, launch (or resume), fit and publish one search.
 
@@ -208,6 +211,8 @@ def run_search(
         resume: continue the interrupted search of this name (:func:`restore_tuner`) with
             its MLflow parent run and Optuna study; ``max_failures`` then comes from the
             interrupted search.
+        quiet: print nothing: neither our lines nor Tune's progress table (a resumed search
+            keeps the output setting it was started with).
 
     Raises:
         ConfigError: a bad experiment, or a search directory that does not fit ``resume``
@@ -219,18 +224,28 @@ def run_search(
     # The lock comes first: a second driver is told who runs the search, not what the
     # folder the running one is writing looks like. Released (its files removed) on any error.
     with SearchLock(search_location(exp)):
-        check_search(exp, resume=resume)
+        check_search(exp, resume=resume, folder=False)
         prep = prepare(exp.run)  # data and model checks, before anything is written
-        return _search(exp, prep, address=address, trainable=trainable, resume=resume)
+        check_search_folder(exp, resume=resume)  # a name clash last: fix the rest in one round
+        return _search(
+            exp, prep, address=address, trainable=trainable, resume=resume, quiet=quiet
+        )
 
 
 def _search(
-    exp: Experiment, prep: Any, *, address: str | None, trainable: Trainable | None, resume: bool
+    exp: Experiment,
+    prep: Any,
+    *,
+    address: str | None,
+    trainable: Trainable | None,
+    resume: bool,
+    quiet: bool,
 ) -> SearchSummary:
     """:func:`run_search` once every check has passed: start Ray, fit, publish."""
     import ray
 
     names = [t.name for t in prep.tasks]
+    say = (lambda _: None) if quiet else print
     started = start_ray(address, resolve_tracking_uri(exp.tracking.tracking_uri, create=False))
     if trainable is None:  # imported once Ray runs (start_ray's thread imports meanwhile)
         from adaptune.trainables.trainable import continual_trainable
@@ -259,7 +274,7 @@ def _search(
 
         study = optuna.load_study(study_name=exp.name, storage=storage_url)
         done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-        print(
+        say(
             f"adaptune search {exp.name}: resuming ({done} of {exp.search.num_samples} trials "
             f"finished) from {location}; MLflow parent run {callback.parent_run_id}"
         )
@@ -274,7 +289,7 @@ def _search(
             algorithm=exp.search.algorithm,
             seed=exp.search.seed,
         )
-        print(
+        say(
             f"adaptune search {exp.name}: {exp.search.num_samples} trials over "
             f"{', '.join(callback.param_names)}; {len(names)} tasks ({', '.join(names)}); "
             f"objective {exp.search.metric} ({exp.search.mode}); "
@@ -292,7 +307,9 @@ def _search(
             tracking_uri=callback.tracking_uri,
             optuna_storage=storage_url,
         )
-        tuner = build_tuner(exp, callback=callback, searcher=searcher, trainable=trainable)
+        tuner = build_tuner(
+            exp, callback=callback, searcher=searcher, trainable=trainable, quiet=quiet
+        )
     # mostly while fit() waits for the first trials' workers to start (they import torch)
     preload = preload_thread(NEEDED_AFTER_TRIALS, exp)
     try:

@@ -51,7 +51,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from adaptune.search.stores import DEFAULT_TRACKING_URI, check_tracking_server, existing_store
-from adaptune.search.tags import KIND_SEARCH, KIND_TAG, PARENT_TAG, TASKS_DONE_TAG
+from adaptune.search.tags import KIND_SEARCH, KIND_TAG, PARENT_TAG, SEARCHED_TAG, TASKS_DONE_TAG
 from adaptune.trainables.errors import ConfigError
 from adaptune.trainables.metrics import HEADLINE_METRICS
 
@@ -164,6 +164,8 @@ def find_view(
             max_results=20,
         )
         params = tuple(sorted({p for c in children for p in c.data.params}))
+        searched = parent.data.tags.get(SEARCHED_TAG)  # trials log fixed values too
+        params = tuple(p for p in params if searched is None or p in searched.split(","))
         reported = {m for c in children for m in c.data.metrics}
         metrics = tuple(m for m in HEADLINE_METRICS if m in reported)
     return SearchView(
@@ -211,10 +213,14 @@ def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """Stop ``mlflow server`` and the uvicorn process it started (its own process group)."""
+    """Stop ``mlflow server`` and the uvicorn process it started (its own process group).
+
+    SIGTERM, not SIGINT: uvicorn re-raises the signal it caught once it has shut down, and a
+    re-raised SIGINT becomes a KeyboardInterrupt traceback in the server's asyncio loop.
+    """
     if proc.poll() is not None:
         return
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         try:

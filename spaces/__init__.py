@@ -16,6 +16,7 @@ with optional overrides: ``{preset: replay, lr: {loguniform: [1.0e-4, 1.0e-3]}}`
 from __future__ import annotations
 
 import builtins
+import difflib
 from typing import Any, Literal
 
 from adaptune.trainables.config import HYPERPARAMETERS
@@ -72,7 +73,8 @@ def check_space(space: dict[str, Any]) -> dict[str, Spec]:
     """Validate space keys against the run's hyperparameters and parse distributions.
 
     Raises:
-        ValueError: an unknown hyperparameter name, listing the valid ones.
+        ValueError: every problem of the space, one per line: an unknown hyperparameter name
+            (with a near match, listing the valid ones), a bad distribution.
     """
     if "preset" in space:
         from adaptune.spaces.presets import PRESETS
@@ -82,26 +84,50 @@ def check_space(space: dict[str, Any]) -> dict[str, Spec]:
             raise ValueError(f"preset: unknown preset {name!r}; valid values: {', '.join(PRESETS)}")
         space = {**PRESETS[name], **{k: v for k, v in space.items() if k != "preset"}}
     parsed: dict[str, Spec] = {}
+    problems: list[str] = []
     for name, spec in space.items():
-        if name not in HYPERPARAMETERS:
-            raise ValueError(
-                f"unknown hyperparameter {name!r}; valid keys: {', '.join(HYPERPARAMETERS)}"
-            )
-        if isinstance(spec, dict):
-            try:
-                parsed[name] = Dist.model_validate(spec)
-            except ValidationError as err:
-                first = err.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                msg = first["msg"].removeprefix("Value error, ")
-                if first["type"] == "extra_forbidden":
-                    msg = "unknown distribution; valid values: loguniform, uniform, int, choice"
-                raise ValueError(f"{name}{'.' + where if where else ''}: {msg}") from None
-        elif isinstance(spec, float | int | str | bool):
-            parsed[name] = spec
-        else:
-            raise ValueError(
-                f"{name}: must be a fixed value or one of loguniform, uniform, int, choice "
-                f"(got {spec!r})"
-            )
+        try:
+            parsed[name] = _parse_spec(name, spec)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ValueError("\n".join(problems))
     return parsed
+
+
+# names other tools give these hyperparameters, for "did you mean"
+_OTHER_NAMES = {
+    "learning_rate": "lr",
+    "lambda": "ewc_lambda",
+    "ewc_weight": "ewc_lambda",
+    "alpha": "distill_alpha",
+    "kd_alpha": "distill_alpha",
+    "buffer": "buffer_size",
+    "memory_size": "buffer_size",
+}
+
+
+def _parse_spec(name: str, spec: Any) -> Spec:
+    if name not in HYPERPARAMETERS:
+        near = difflib.get_close_matches(str(name), list(HYPERPARAMETERS), n=1)
+        near = [_OTHER_NAMES[name]] if name in _OTHER_NAMES else near
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(
+            f"unknown hyperparameter {name!r}{hint}; valid keys: {', '.join(HYPERPARAMETERS)}"
+        )
+    if isinstance(spec, dict):
+        try:
+            return Dist.model_validate(spec)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            msg = first["msg"].removeprefix("Value error, ")
+            if first["type"] == "extra_forbidden":
+                msg = "unknown distribution; valid values: loguniform, uniform, int, choice"
+            raise ValueError(f"{name}{'.' + where if where else ''}: {msg}") from None
+    if isinstance(spec, float | int | str | bool):
+        return spec
+    raise ValueError(
+        f"{name}: must be a fixed value or one of loguniform, uniform, int, choice "
+        f"(got {spec!r})"
+    )

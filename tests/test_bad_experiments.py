@@ -174,7 +174,7 @@ CASES: list[tuple[str, str | Mutation, list[str]]] = [
      ["search.grace_period:", "<= the number of tasks (2)", "(got 3)"]),
     # --- data
     ("missing file", task_file("other.txt", "x", files=["nope.txt"]),
-     ["run.stream.tasks.1.files:", "file not found: nope.txt"]),
+     ["run.stream.tasks.1.files:", "file not found: ", "/nope.txt"]),
     ("missing column", task_file("rows.jsonl", ROWS),
      ["run.stream.tasks.1.text_field:", "column 'text' is not in the data",
       "valid values: body, id"]),

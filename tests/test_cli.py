@@ -40,6 +40,12 @@ def write(path: Path, data: object) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process runs write their default MLflow store (``runs/mlflow.db``) under tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(

@@ -228,7 +228,7 @@ def test_lost_run_is_adopted_once_and_unadopted_ones_end_killed(tmp_path: Path) 
     assert sorted(by_trial) == ["t_0", "t_3", "t_5"]  # t_2's run became t_5's
     assert by_trial["t_5"].data.tags[LOST_TAG] == "t_2"
     assert by_trial["t_5"].data.tags[STARTS_TAG] == "2"
-    assert by_trial["t_5"].info.run_name == "resume-t_5"
+    assert by_trial["t_5"].info.run_name == "t02-t_5"  # t_2's place, the new trial id
     assert by_trial["t_0"].data.tags[STARTS_TAG] == "1"
     assert by_trial["t_0"].info.status == "FINISHED"
     assert by_trial["t_3"].info.status == "KILLED"  # lost and never re-run

@@ -40,7 +40,8 @@ def test_int_high_is_inclusive_after_optuna_conversion() -> None:
 def test_space_to_tune_accepts_raw_yaml_and_rejects_unknown_names() -> None:
     domains = space_to_tune({"lr": {"loguniform": [1e-4, 1e-2]}, "temperature": 2.0})
     assert isinstance(domains["lr"], Float) and domains["temperature"] == 2.0
-    with pytest.raises(ValueError, match="unknown hyperparameter 'learning_rate'; valid keys"):
+    near = r"unknown hyperparameter 'learning_rate' \(did you mean 'lr'\?\); valid keys"
+    with pytest.raises(ValueError, match=near):
         space_to_tune({"learning_rate": {"uniform": [0, 1]}})
 
 

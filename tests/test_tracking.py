@@ -155,7 +155,8 @@ def test_child_runs_params_metrics_artifacts_and_statuses(tracked, tmp_path: Pat
     )
 
     run = by_trial["t_00000"]
-    assert run.data.params == {"lr": "0.001", "buffer_size": "16", "temperature": "3.0"}
+    searched = {"lr": "0.001", "buffer_size": "16", "temperature": "3.0"}
+    assert searched.items() <= run.data.params.items() and run.data.params["seed"] == "0"
     history = client.get_metric_history(run.info.run_id, "stream_loss")
     assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 2.5), (3, 2.0)]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/docs")] == [1, 2, 3]

@@ -204,7 +204,7 @@ def test_ui_shows_the_search_trials_sorted_by_the_objective(tmp_path: Path) -> N
                     ).inner_text().strip()
 
                 parent_row = row_of(f"search-{exp.name}")
-                rows = {t: row_of(f"{exp.name}-{t}") for t in TRIALS}
+                rows = {t: row_of(f"t{i:02d}-{t}") for i, t in enumerate(TRIALS, start=1)}
                 for trial_id, row in rows.items():
                     assert float(objective(row)) == TRIALS[trial_id][2][-1], trial_id
                 expected = sorted(TRIALS, key=lambda t: TRIALS[t][2][-1])  # best first

@@ -2,7 +2,8 @@
 
 Layout of one checkpoint directory::
 
-    model/               transformers save_pretrained (config.json, model.safetensors) + tokenizer
+    model/               transformers save_pretrained (config.json, generation_config.json,
+                         model.safetensors) + the tokenizer for generation (``serving_tokenizer``)
     state.safetensors    component state (replay buffer, EWC precision/anchor) and RNG states
     optimizer.pt         AdamW state, read back with ``torch.load(weights_only=True)``
     progress.json        tasks done, loss matrix, token counts, the run config
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from adaptune.trainables.model import context_length, serving_tokenizer, set_generation_defaults
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -40,9 +42,16 @@ def save_checkpoint(
     state: dict[str, Tensor],
     progress: Progress,
 ) -> Path:
+    """Write one checkpoint (layout in the module docstring); returns ``path``.
+
+    ``model/`` is ready to generate from a plain prompt: a pipeline built from it appends no
+    end-of-text token to the prompt and stops inside the model's context (generation defaults
+    from :func:`set_generation_defaults`). Neither touches the weights or the training ids.
+    """
     path.mkdir(parents=True, exist_ok=True)
+    set_generation_defaults(model, tokenizer)
     model.save_pretrained(path / "model", safe_serialization=True)
-    tokenizer.save_pretrained(path / "model")
+    serving_tokenizer(tokenizer, context_length(model.config)).save_pretrained(path / "model")
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in state.items()}, path / "state.safetensors"
     )

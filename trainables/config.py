@@ -40,6 +40,22 @@ class DomainConfig(_Strict):
     split: str = "train"
     text_field: str = "text"  # column holding the text (txt files always use "text")
     max_docs: int | None = Field(None, ge=1)  # read at most this many rows
+    # csv files: false when the first row is data, not column names
+    header: bool = True
+    column_names: list[str] | None = Field(None, min_length=1)  # header: false; default [text]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_from_fields(cls, data: Any) -> Any:
+        """``files:`` (or ``path:``) without ``source:`` means that source."""
+        if isinstance(data, dict) and data.get("source") is None:
+            if data.get("files") is not None and data.get("builtin") is None:
+                data = {**data, "source": "files"}
+            elif data.get("path") is not None and data.get("builtin") is None:
+                data = {**data, "source": "hf"}
+        if isinstance(data, dict) and isinstance(data.get("files"), str):
+            data = {**data, "files": [data["files"]]}  # one path
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> DomainConfig:
@@ -47,6 +63,14 @@ class DomainConfig(_Strict):
         if getattr(self, needed) in (None, []):
             valid = f"; valid values: {', '.join(BUILTIN_DOMAINS)}" if needed == "builtin" else ""
             raise ValueError(f"source `{self.source}` needs the field `{needed}`{valid}")
+        if self.column_names is not None and self.header:
+            raise ValueError("`column_names` names the columns of a csv without a header row; "
+                             "add `header: false`")
+        if not self.header and self.text_field not in (self.column_names or ["text"]):
+            raise ValueError(
+                f"`text_field` must be one of column_names {self.column_names or ['text']} "
+                f"(got {self.text_field!r})"
+            )
         return self
 
 
@@ -163,28 +187,45 @@ HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
 
 def format_validation_error(err: ValidationError, *, prefix: str = "", source: str = "") -> str:
     """One line for the first error: ``source: field.path: rule (got value)``."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *first["loc"]))
-    kind = first["type"]
-    model = _model_at(err.title, first["loc"]) if kind == "extra_forbidden" else None
-    if kind == "extra_forbidden":
-        valid = list(model.model_fields) if model is not None else []
-        near = difflib.get_close_matches(str(first["loc"][-1]), valid, n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        msg = f"unknown key{hint}; valid keys: {', '.join(valid) or 'see docs'}"
-    elif kind == "missing":
-        msg = "required field is missing"
-    else:
-        msg = first["msg"].removeprefix("Value error, ")
-        if kind == "literal_error":
-            msg = msg.replace("Input should be", "must be one of")
-        value = first.get("input")
-        if "input" in first and not isinstance(value, dict | list):
-            msg += f" (got {value!r})"
-        elif isinstance(value, dict | list) and kind.endswith(("_type", "_parsing")):
-            msg += f" (got a {'list' if isinstance(value, list) else 'mapping'})"
+    return format_validation_errors(err, prefix=prefix, source=source)[0]
+
+
+def format_validation_errors(
+    err: ValidationError, *, prefix: str = "", source: str = ""
+) -> list[str]:
+    """One line per error: ``source: field.path: rule (got value)``.
+
+    A validator that found several problems in one field (a search space) puts one per line
+    in its message; each becomes a line of its own.
+    """
     head = f"{source}: " if source else ""
-    return f"{head}{loc}: {msg}"
+    lines: list[str] = []
+    for error in err.errors():
+        loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *error["loc"]))
+        for msg in _error_message(err.title, error).splitlines():
+            lines.append(f"{head}{loc}: {msg}")
+    return lines
+
+
+def _error_message(title: str, error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        model = _model_at(title, error["loc"])
+        valid = list(model.model_fields) if model is not None else []
+        near = difflib.get_close_matches(str(error["loc"][-1]), valid, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        return f"unknown key{hint}; valid keys: {', '.join(valid) or 'see docs'}"
+    if kind == "missing":
+        return "required field is missing"
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    if kind == "literal_error":
+        msg = msg.replace("Input should be", "must be one of")
+    value = error.get("input")
+    if "input" in error and not isinstance(value, dict | list):
+        msg += f" (got {value!r})"
+    elif isinstance(value, dict | list) and kind.endswith(("_type", "_parsing")):
+        msg += f" (got a {'list' if isinstance(value, list) else 'mapping'})"
+    return msg
 
 
 _MODELS: dict[str, type[BaseModel]] = {}
@@ -278,4 +319,35 @@ def with_absolute_paths(cfg: RunConfig, base: Path) -> RunConfig:
             }
         )
     stream = cfg.stream.model_copy(update={"tasks": [domain(t) for t in cfg.stream.tasks]})
+    return cfg.model_copy(update={"model": model, "stream": stream})
+
+
+def with_local_inputs(cfg: RunConfig, base: Path) -> RunConfig:
+    """A copy of ``cfg`` whose relative input paths are resolved against ``base`` (the
+    experiment file's folder): data files always; a dataset, model or tokenizer folder when
+    one exists there (else it is a hub name). Output folders (``cache_dir``) are left alone."""
+
+    def inputs(d: DomainConfig) -> DomainConfig:
+        files = [str((base / f).resolve()) if not Path(f).is_absolute() else f
+                 for f in (str(Path(f).expanduser()) for f in d.files or [])]
+        path = d.path
+        if d.source == "hf" and path and not Path(path).is_absolute() and (base / path).exists():
+            path = str((base / path).resolve())
+        return d.model_copy(update={"files": files or d.files, "path": path})
+
+    def folder(value: str | None) -> str | None:
+        if value is None or Path(value).is_absolute() or not (base / value).exists():
+            return value
+        return str((base / value).resolve())
+
+    model = cfg.model.model_copy(
+        update={
+            "name": cfg.model.name if cfg.model.name == "tiny-gpt" else folder(cfg.model.name),
+            "tokenizer": folder(cfg.model.tokenizer),
+        }
+    )
+    if model.pretrain is not None:
+        pretrain = model.pretrain.model_copy(update={"domain": inputs(model.pretrain.domain)})
+        model = model.model_copy(update={"pretrain": pretrain})
+    stream = cfg.stream.model_copy(update={"tasks": [inputs(t) for t in cfg.stream.tasks]})
     return cfg.model_copy(update={"model": model, "stream": stream})

@@ -116,6 +116,9 @@ def _load_texts(domain: DomainConfig, field: str) -> list[str]:
             )
         builder = kinds.pop()
         kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
+        if builder == "csv" and not domain.header:
+            # pandas reads every row as data under these names (datasets passes them on)
+            kwargs = {"header": None, "column_names": domain.column_names or ["text"]}
         try:
             ds = datasets.load_dataset(builder, data_files=domain.files, split="train", **kwargs)
         except Exception as err:  # noqa: BLE001 - any reader error is the user's file
@@ -131,9 +134,14 @@ def _load_texts(domain: DomainConfig, field: str) -> list[str]:
             ) from None
     column = "text" if domain.source == "files" and builder == "text" else domain.text_field
     if column not in ds.column_names:
+        hint = (
+            "; a csv whose first row is data needs `header: false` (and `column_names`)"
+            if domain.source == "files" and builder == "csv" and domain.header
+            else ""
+        )
         raise ConfigError(
             f"{field}.text_field: column {column!r} is not in the data; "
-            f"valid values: {', '.join(ds.column_names)}"
+            f"valid values: {', '.join(map(str, ds.column_names))}{hint}"
         )
     if domain.max_docs is not None:
         ds = ds.select(range(min(domain.max_docs, len(ds))))

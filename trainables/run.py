@@ -41,6 +41,7 @@ from adaptune.trainables.model import (
     TINY,
     build_model,
     check_model_loadable,
+    check_tokenizer,
     context_length,
     load_tokenizer,
     next_token_loss,
@@ -68,6 +69,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     """
     config = check_model_loadable(cfg.model)  # before the tokenizer: a bad name is the model
     tokenizer = load_tokenizer(cfg.model)
+    check_tokenizer(cfg.model, tokenizer, config)  # a degenerate one would train on noise
     limit = cfg.model.n_positions if config is None else context_length(config)
     if limit is not None and cfg.stream.block_size > limit:
         where = "run.model.n_positions" if config is None else f"the context of {cfg.model.name}"

@@ -10,10 +10,14 @@ trial before, on the quickstart). Frozen objects are still freed by reference co
 cycles among them would outlive the process, and at a trial's start the previous trial's cycles
 have been collected.
 
-Each report also carries ``node_id``, the Ray node the trial ran on (a string: MLflow gets it as
-the child run's tag ``adaptune.node_id``, not as a metric). When the trial ends, however it
-ends, its GPU memory is handed back (``torch.cuda.empty_cache``), so the next trial on that GPU
-finds it free even in a worker process that lives on (Tune's ``reuse_actors``).
+Each report also carries the settings the trial ran with, ``threads`` (torch CPU threads) and
+``cuda`` (1 on a CUDA device, else 0), and ``node_id``, the Ray node it ran on: numbers or not,
+none is a measurement, so MLflow gets them as the child run's tags ``adaptune.threads``,
+``adaptune.cuda`` and ``adaptune.node_id`` (``search.tracking``), not as metrics.
+
+When the trial ends, however it ends, its GPU memory is handed back (``torch.cuda.empty_cache``),
+so the next trial on that GPU finds it free even in a worker process that lives on (Tune's
+``reuse_actors``).
 """
 
 from __future__ import annotations
@@ -56,9 +60,10 @@ def continual_trainable(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
         import torch
 
-        # float results depend on both: `adaptune export` pins them to reproduce the trial
+        # settings, tags in MLflow; float results depend on threads and device, so `adaptune
+        # export` pins them to reproduce the trial
         used = {"threads": torch.get_num_threads(), "cuda": int(pick_device(cfg).type == "cuda")}
-        used["node_id"] = node_id  # str: a tag in MLflow (search.tracking), not a metric
+        used["node_id"] = node_id
         # `done` on the last task makes Tune stop the trial in the same step that records its
         # checkpoint, so the experiment snapshot never shows a finished trial as running (which
         # a resumed search would start again).
