@@ -202,7 +202,13 @@ def test_search_logs_runs_artifacts_and_the_champion_to_the_server(
     assert version.tags["adaptune.trial_id"] in {r.data.tags[TRIAL_TAG] for r in children}
     assert parent.data.tags["adaptune.champion_trial_id"] == version.tags["adaptune.trial_id"]
     # for models:/NAME@alias, MLflow 3.17's download_artifacts(tracking_uri=, registry_uri=)
-    # still reaches the default store (./mlflow.db) on the way; the environment reaches all
+    # still reaches the default store (./mlflow.db) on the way; the environment reaches all,
+    # once no earlier test's mlflow.set_tracking_uri/set_registry_uri is in force
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", served.url)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", served.url)
     model = Path(mlflow.artifacts.download_artifacts(
