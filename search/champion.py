@@ -8,6 +8,7 @@ the generation settings a caller may pass as ``params`` (:data:`GENERATION_PARAM
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,6 @@ def publish_champion(
         (``models:/NAME@champion``, the registered version)
     """
     import mlflow
-    import transformers
 
     model, tokenizer = load_champion_parts(checkpoint_dir)
     name = registered_model_name(exp)
@@ -89,7 +89,26 @@ def publish_champion(
     # the logged model belongs to the search's experiment (and its artifact location), not to
     # MLflow's default experiment: log_model takes the experiment from the fluent API
     mlflow.set_experiment(experiment_id=callback.experiment_id)
-    info = mlflow.transformers.log_model(
+    hub_noise = _HubMetadataFilter()
+    logging.getLogger("mlflow.transformers").addFilter(hub_noise)
+    try:
+        info = _log_model(model, tokenizer, trial_id, run_id)
+    finally:
+        logging.getLogger("mlflow.transformers").removeFilter(hub_noise)
+    version = mlflow.register_model(info.model_uri, name, tags={TRIAL_TAG: trial_id})
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+    uri = f"models:/{name}@{CHAMPION_ALIAS}"
+    tags = {CHAMPION_TAG: trial_id, CHAMPION_RUN_TAG: run_id, CHAMPION_URI_TAG: uri}
+    for tag, value in tags.items():
+        client.set_tag(parent, tag, value)
+    return uri, str(version.version)
+
+
+def _log_model(model: Any, tokenizer: Any, trial_id: str, run_id: str) -> Any:
+    import mlflow
+    import transformers
+
+    return mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer},
         name="champion",
         task="text-generation",
@@ -99,10 +118,18 @@ def publish_champion(
         metadata={TRIAL_TAG: trial_id},
         run_id=run_id,
     )
-    version = mlflow.register_model(info.model_uri, name, tags={TRIAL_TAG: trial_id})
-    client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
-    uri = f"models:/{name}@{CHAMPION_ALIAS}"
-    tags = {CHAMPION_TAG: trial_id, CHAMPION_RUN_TAG: run_id, CHAMPION_URI_TAG: uri}
-    for tag, value in tags.items():
-        client.set_tag(parent, tag, value)
-    return uri, str(version.version)
+
+
+class _HubMetadataFilter(logging.Filter):
+    """Drops MLflow's warnings about the hub metadata (model card, licence) of a model it
+    saves: the champion is a local checkpoint with neither, and offline the hub is unreachable."""
+
+    NOISE = (
+        "The model card could not be retrieved",
+        "Unable to find license information",
+        "Failed to download the license file",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import logging
 import os
 import sys
 import time
@@ -199,23 +198,8 @@ def _version() -> str:
         return "unknown"
 
 
-class _HubMetadataFilter(logging.Filter):
-    """Drops MLflow's warnings about the hub metadata (model card, licence) of a model it
-    saves: the champion is a local checkpoint with neither, and offline the hub is unreachable."""
-
-    NOISE = (
-        "The model card could not be retrieved",
-        "Unable to find license information",
-        "Failed to download the license file",
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.NOISE)
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("mlflow.transformers").addFilter(_HubMetadataFilter())
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -7,6 +7,7 @@ continues a prompt with visible bytes that can be counted.
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class Champion:
     callback: MlflowTrackingCallback
     trial_run_id: str
     version: str
+    mlflow_warnings: list[str]
 
 
 @dataclass
@@ -69,9 +71,31 @@ def champion(tmp_path_factory: pytest.TempPathFactory) -> Champion:
     run_stream(prepare(parse_run_config(data["run"])), report=keep, threads=1)
     callback = MlflowTrackingCallback(exp, experiment_yaml=experiment_yaml(exp))
     run_id = callback.child_run_id(_Trial(TRIAL_ID, exp.run.model_dump(mode="json")))
-    uri, version = publish_champion(callback, exp, checkpoint, TRIAL_ID)
+    seen = _Records()
+    logger = logging.getLogger("mlflow.transformers")
+    logger.addHandler(seen)  # after the logger's filters: what a user would see
+    try:
+        uri, version = publish_champion(callback, exp, checkpoint, TRIAL_ID)
+    finally:
+        logger.removeHandler(seen)
     mlflow.set_tracking_uri(callback.tracking_uri)
-    return Champion(uri, checkpoint, callback, run_id, version)
+    return Champion(uri, checkpoint, callback, run_id, version, seen.messages)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_publishing_offline_prints_no_hub_model_card_or_licence_warning(
+    champion: Champion,
+) -> None:
+    noise = ("model card", "license")
+    assert not [m for m in champion.mlflow_warnings if any(n in m.lower() for n in noise)]
 
 
 def _new_bytes(prompt: str, text: str) -> bytes:
