@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adaptune.search.cli import format_matrix, naming_file
 from adaptune.search.experiment import (
@@ -29,8 +29,10 @@ from adaptune.search.experiment import (
     parse_experiment,
     with_search_name,
 )
-from adaptune.search.summary import SearchSummary
 from adaptune.trainables.errors import ConfigError
+
+if TYPE_CHECKING:
+    from adaptune.search.summary import SearchSummary
 
 Overrides = Sequence[str] | Mapping[str, Any] | None
 
@@ -321,15 +323,8 @@ def search(
         model_uri=summary.model_uri,
         parent_run_id=summary.parent_run_id,
         tracking_uri=summary.tracking_uri,
-        result_grid=_result_grid(exp),
+        result_grid=summary.results,
         summary=summary,
         interrupted=summary.interrupted,
     )
 
-
-def _result_grid(exp: Experiment) -> Any:
-    """Ray Tune's ``ResultGrid``, read back from the search's folder (Ray need not run)."""
-    from adaptune.search.locations import search_location
-    from ray.tune import ExperimentAnalysis, ResultGrid
-
-    return ResultGrid(ExperimentAnalysis(search_location(exp)))

@@ -10,9 +10,9 @@ from typing import Any
 
 from adaptune.search.experiment import Experiment, experiment_yaml
 from adaptune.search.locations import search_location
+from adaptune.search.records import experiment_hash
 from adaptune.search.resume import check_search_dir, inspect_search_dir
 from adaptune.search.stores import check_tracking_server
-from adaptune.search.tracking import experiment_hash
 from adaptune.spaces import Dist
 from adaptune.spaces.paths import set_hp
 from adaptune.trainables.config import RunConfig, format_validation_error

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from adaptune.search.experiment import Experiment
-from adaptune.search.tracking import MlflowTrackingCallback, searched_params
+from adaptune.search.records import searched_params
+from adaptune.search.tracking import MlflowTrackingCallback
 
 
 @dataclass
@@ -31,6 +32,7 @@ class SearchSummary:
     model_version: str | None = None
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False  # stopped before every trial ended (Ctrl-C): resume with --resume
+    results: Any = None  # Ray Tune's ResultGrid from fit()
 
 
 def trial_rows(exp: Experiment, results: Any) -> list[TrialRow]:

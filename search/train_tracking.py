@@ -16,6 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from adaptune.search.experiment import Experiment, experiment_yaml
+from adaptune.search.records import (
+    experiment_hash,
+    get_or_create_experiment,
+    git_commit,
+    log_loss_matrix,
+    numeric_metrics,
+    trial_params,
+)
 from adaptune.search.stores import check_tracking_server, resolve_tracking_uri
 from adaptune.search.tags import (
     ERROR_TAG,
@@ -25,8 +33,6 @@ from adaptune.search.tags import (
     KIND_TRAIN,
     TASKS_DONE_TAG,
 )
-from adaptune.spaces.paths import get_hp
-from adaptune.trainables.config import HYPERPARAMETERS
 
 RUN_ID_FILE = "mlflow_run.json"  # in the output folder: the run a --resume continues
 
@@ -41,11 +47,11 @@ def check_tracking(exp: Experiment) -> None:
 
 
 def run_params(exp: Experiment) -> dict[str, str]:
-    """Every hyperparameter's resolved value by its flat name, the model and the tasks."""
-    config = exp.run.model_dump(mode="json")
-    params = {name: get_hp(config, name) for name in HYPERPARAMETERS}
+    """Every hyperparameter's resolved value by its flat name (as a trial's run has them), the
+    model and the tasks."""
+    params = trial_params(exp.run.model_dump(mode="json"))
     params |= {"model": exp.run.model.name, "tasks": ",".join(t.name for t in exp.run.stream.tasks)}
-    return {k: str(v)[:6000] for k, v in params.items()}  # MLflow's longest param value
+    return {k: v[:6000] for k, v in params.items()}  # MLflow's longest param value
 
 
 class TrainTracker:
@@ -68,7 +74,6 @@ class TrainTracker:
 
     def start(self, *, resume: bool) -> str:
         """Create the run (or, with ``resume``, reopen the one the output folder names)."""
-        from adaptune.search.tracking import experiment_hash, get_or_create_experiment, git_commit
         from mlflow.entities import Param
 
         kept = self.out / RUN_ID_FILE
@@ -95,7 +100,6 @@ class TrainTracker:
 
     def log_task(self, metrics: dict[str, Any]) -> None:
         """The metrics reported after a task, at step = task index."""
-        from adaptune.search.tracking import numeric_metrics
         from mlflow.entities import Metric
 
         assert self.run_id is not None
@@ -106,14 +110,8 @@ class TrainTracker:
     def finish(self, loss_matrix: dict[str, Any], tasks_done: int) -> None:
         """The loss matrix (JSON and heatmap), then FINISHED (every task) or KILLED (stopped
         early with ``stop_after``, to be resumed)."""
-        import matplotlib.pyplot as plt
-        from adaptune.search.tracking import loss_matrix_figure
-
         assert self.run_id is not None
-        self.client.log_dict(self.run_id, loss_matrix, "loss_matrix.json")
-        fig = loss_matrix_figure(loss_matrix["loss_matrix"], loss_matrix["tasks"])
-        self.client.log_figure(self.run_id, fig, "loss_matrix.png")
-        plt.close(fig)
+        log_loss_matrix(self.client, self.run_id, loss_matrix)
         self.client.set_tag(self.run_id, TASKS_DONE_TAG, str(tasks_done))
         done = tasks_done >= len(loss_matrix["tasks"])
         self.client.set_terminated(self.run_id, status="FINISHED" if done else "KILLED")

@@ -32,12 +32,13 @@ from adaptune.search.locations import (
 )
 from adaptune.search.lock import SearchLock
 from adaptune.search.preload import NEEDED_AFTER_TRIALS, preload_thread
+from adaptune.search.records import experiment_hash
 from adaptune.search.resume import inspect_search_dir, write_search_info
 from adaptune.search.searcher import ContinualOptunaSearch, build_searcher
 from adaptune.search.stores import resolve_tracking_uri
 from adaptune.search.summary import SearchSummary, log_summary, trial_rows
 from adaptune.search.tags import OPTUNA_STORAGE_TAG, OPTUNA_STUDY_TAG, SEARCH_DIR_TAG
-from adaptune.search.tracking import MlflowTrackingCallback, experiment_hash
+from adaptune.search.tracking import MlflowTrackingCallback
 from adaptune.search.tune_loop import patient_controller
 from adaptune.spaces.paths import tune_key
 from adaptune.spaces.tune import build_param_space
@@ -344,7 +345,7 @@ def _finish_search(
     location = search_location(exp)
     rows = trial_rows(exp, results)
     summary = SearchSummary(rows=rows, parent_run_id=callback.start_parent(),
-                            tracking_uri=callback.tracking_uri)
+                            tracking_uri=callback.tracking_uri, results=results)
     if search_interrupted(exp):
         summary.interrupted = True
         callback.end_parent("KILLED")

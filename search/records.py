@@ -1,0 +1,131 @@
+"""The MLflow records adaptune writes, whatever writes them: a search's trial runs (the Tune
+callback in :mod:`adaptune.search.tracking`) and a standalone ``adaptune train`` run
+(:mod:`adaptune.search.train_tracking`). Needs MLflow only on first use and never Ray, so
+``adaptune train`` does not import Ray Tune to log its run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from adaptune.search.stores import sqlite_file
+from adaptune.search.tags import (
+    CUDA_TAG,
+    HOSTNAME_TAG,
+    NODE_ID_TAG,
+    NODE_IP_TAG,
+    PID_TAG,
+    THREADS_TAG,
+)
+from adaptune.spaces.paths import get_hp, get_path
+from adaptune.trainables.config import HYPERPARAMETERS
+
+# result field -> run tag: the settings a trial ran with (from the trainable) and where it ran
+# (node_id from the trainable, the rest Ray's); numbers here are not measurements
+WHERE_TAGS = {"threads": THREADS_TAG, "cuda": CUDA_TAG, "node_id": NODE_ID_TAG,
+              "node_ip": NODE_IP_TAG, "hostname": HOSTNAME_TAG, "pid": PID_TAG}
+# Ray's bookkeeping values that are numbers but not measurements
+_SKIP = {"loss_matrix", "timestamp", "done", "should_checkpoint", "trial_id", *WHERE_TAGS}
+
+
+def experiment_hash(yaml_text: str) -> str:
+    return hashlib.sha256(yaml_text.encode("utf-8")).hexdigest()
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The current commit (with ``-dirty`` when the tree has changes), or None outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=10,
+        )
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def get_or_create_experiment(client: Any, name: str, tracking_uri: str) -> str:
+    """The MLflow experiment id; a local sqlite store keeps artifacts beside the database."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    location = None
+    db = sqlite_file(tracking_uri)
+    if db is not None:
+        location = (db.parent / "mlartifacts" / name).as_uri()
+    return str(client.create_experiment(name, artifact_location=location))
+
+
+def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Every finite number in a Tune result (top level), minus Ray's bookkeeping values."""
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if k not in _SKIP
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+    }
+
+
+def searched_params(config: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The trial's values for ``names`` (flat hyperparameter names), read from the nested config."""
+    return {name: get_hp(config, name) for name in names}
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, str]:
+    """Every hyperparameter in a trial's resolved run config, searched or fixed, as MLflow
+    params (flat name -> string; ``None`` as ``"None"``); names the config lacks are left out."""
+    params = {}
+    for name, path in HYPERPARAMETERS.items():
+        with contextlib.suppress(KeyError, TypeError):
+            params[name] = str(get_path(config, path))
+    return params
+
+
+def run_name(number: int, trial_id: str) -> str:
+    """A trial run's name: ``t07-6f7d236e`` (its place in the search, then Ray's trial id)."""
+    return f"t{number:02d}-{trial_id}"
+
+
+def loss_matrix_figure(matrix: list[list[float]], task_names: list[str]) -> Any:
+    """Heatmap of L[i][j]: rows = stage (before, after task i), columns = evaluated task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = ["before", *(f"after {n}" for n in task_names[: len(matrix) - 1])]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(task_names), 1.2 + 0.6 * len(rows)))
+    im = ax.imshow(matrix, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(task_names)), task_names, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("evaluated on")
+    ax.set_ylabel("after training on")
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=ax, label="loss (nats/token)")
+    fig.tight_layout()
+    return fig
+
+
+def log_loss_matrix(client: Any, run_id: str, record: dict[str, Any]) -> None:
+    """A run's ``record`` (``tasks``, ``loss_matrix`` and anything beside them) as
+    ``loss_matrix.json``, and the matrix's heatmap as ``loss_matrix.png``."""
+    import matplotlib.pyplot as plt
+
+    client.log_dict(run_id, record, "loss_matrix.json")
+    fig = loss_matrix_figure(record["loss_matrix"], record["tasks"])
+    client.log_figure(run_id, fig, "loss_matrix.png")
+    plt.close(fig)
