@@ -246,6 +246,11 @@ def load_experiment(
     return exp.model_copy(update={"run": run}) if run != exp.run else exp
 
 
+def default_model_name(name: str) -> str:
+    """The registered model a search's champion goes to unless ``tracking`` names one."""
+    return f"adaptune-{name}"
+
+
 def with_search_name(data: dict[str, Any], search_name: str) -> dict[str, Any]:
     """``data`` renamed to ``search_name``, its MLflow experiment and registered model left
     under the file's ``name`` (so every search of one file lands in one MLflow experiment)."""
@@ -257,7 +262,7 @@ def with_search_name(data: dict[str, Any], search_name: str) -> dict[str, Any]:
         if tracking.get("experiment_name") is None:
             tracking["experiment_name"] = base
         if tracking.get("registered_model_name") is None:
-            tracking["registered_model_name"] = f"adaptune-{base}"
+            tracking["registered_model_name"] = default_model_name(base)
         data["tracking"] = tracking
     data["name"] = search_name
     return data

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adaptune.search.experiment import Experiment
+from adaptune.search.experiment import Experiment, default_model_name
 
 CHAMPION_ALIAS = "champion"  # the registry alias of a search's best model
 
@@ -35,4 +35,4 @@ def optuna_storage_url(exp: Experiment) -> str:
 
 def registered_model_name(exp: Experiment) -> str:
     """The MLflow registered model the champion goes to (default ``adaptune-<name>``)."""
-    return exp.tracking.registered_model_name or f"adaptune-{exp.name}"
+    return exp.tracking.registered_model_name or default_model_name(exp.name)
