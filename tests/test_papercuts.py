@@ -75,22 +75,28 @@ def test_version(capsys) -> None:
     assert capsys.readouterr().out.startswith("adaptune ")
 
 
-def test_mlflow_hub_metadata_warnings_are_dropped(caplog, tmp_path: Path) -> None:
+def test_mlflow_hub_metadata_warnings_are_dropped(tmp_path: Path) -> None:
     # MLflow's own helpers that log_model calls for a transformers model; offline, both warn
     from adaptune.search.champion import _HubMetadataFilter
     from mlflow.transformers import _fetch_model_card, _write_license_information
 
-    logger = logging.getLogger("mlflow.transformers")
+    messages: list[str] = []
+
+    class Seen(logging.Handler):  # on the logger itself: MLflow's loggers may not propagate
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger, seen = logging.getLogger("mlflow.transformers"), Seen(logging.WARNING)
     hub_noise = _HubMetadataFilter()  # as publish_champion installs it around log_model
     logger.addFilter(hub_noise)
+    logger.addHandler(seen)
     try:
-        with caplog.at_level(logging.WARNING, logger="mlflow.transformers"):
-            _write_license_information("local/model", None, tmp_path)
-            _fetch_model_card("local/model")
-            logger.warning("an unrelated warning")
+        _write_license_information("local/model", None, tmp_path)
+        _fetch_model_card("local/model")
+        logger.warning("an unrelated warning")
     finally:
         logger.removeFilter(hub_noise)
-    messages = [r.getMessage() for r in caplog.records]
+        logger.removeHandler(seen)
     assert messages == ["an unrelated warning"], messages
 
 
