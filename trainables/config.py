@@ -327,18 +327,16 @@ def with_local_inputs(cfg: RunConfig, base: Path) -> RunConfig:
     experiment file's folder): data files always; a dataset, model or tokenizer folder when
     one exists there (else it is a hub name). Output folders (``cache_dir``) are left alone."""
 
-    def inputs(d: DomainConfig) -> DomainConfig:
-        files = [str((base / f).resolve()) if not Path(f).is_absolute() else f
-                 for f in (str(Path(f).expanduser()) for f in d.files or [])]
-        path = d.path
-        if d.source == "hf" and path and not Path(path).is_absolute() and (base / path).exists():
-            path = str((base / path).resolve())
-        return d.model_copy(update={"files": files or d.files, "path": path})
-
     def folder(value: str | None) -> str | None:
         if value is None or Path(value).is_absolute() or not (base / value).exists():
             return value
         return str((base / value).resolve())
+
+    def inputs(d: DomainConfig) -> DomainConfig:
+        files = [str((base / f).resolve()) if not Path(f).is_absolute() else f
+                 for f in (str(Path(f).expanduser()) for f in d.files or [])]
+        path = folder(d.path) if d.source == "hf" and d.path else d.path
+        return d.model_copy(update={"files": files or d.files, "path": path})
 
     model = cfg.model.model_copy(
         update={
