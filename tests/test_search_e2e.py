@@ -11,7 +11,7 @@ import yaml
 from adaptune.search.checks import check_search
 from adaptune.search.cli import main
 from adaptune.search.experiment import parse_experiment
-from adaptune.search.tracking import PARENT_TAG, TRIAL_TAG
+from adaptune.search.tags import PARENT_TAG, TRIAL_TAG
 from adaptune.trainables.errors import ConfigError
 from conftest import tiny_experiment, write_experiment
 from mlflow.tracking import MlflowClient

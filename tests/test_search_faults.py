@@ -24,15 +24,8 @@ import pytest
 from adaptune.search import tuner
 from adaptune.search.cli import main
 from adaptune.search.experiment import experiment_yaml, parse_experiment
-from adaptune.search.tracking import (
-    ERROR_ARTIFACT,
-    ERROR_TAG,
-    FAILURES_TAG,
-    PARENT_TAG,
-    TRIAL_TAG,
-    MlflowTrackingCallback,
-    describe_error,
-)
+from adaptune.search.tags import ERROR_TAG, FAILURES_TAG, PARENT_TAG, TRIAL_TAG
+from adaptune.search.tracking import ERROR_ARTIFACT, MlflowTrackingCallback, describe_error
 from adaptune.trainables.errors import TrainingDivergedError
 from conftest import tiny_experiment, write_experiment
 from mlflow.tracking import MlflowClient

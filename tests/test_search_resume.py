@@ -18,18 +18,11 @@ import optuna
 import pytest
 from adaptune.search.cli import main
 from adaptune.search.experiment import experiment_yaml, parse_experiment
+from adaptune.search.records import experiment_hash
 from adaptune.search.resume import SEARCH_FILE
 from adaptune.search.searcher import build_searcher
-from adaptune.search.tracking import (
-    ERROR_TAG,
-    LOST_TAG,
-    PARENT_TAG,
-    PID_TAG,
-    STARTS_TAG,
-    TRIAL_TAG,
-    MlflowTrackingCallback,
-    experiment_hash,
-)
+from adaptune.search.tags import ERROR_TAG, LOST_TAG, PARENT_TAG, PID_TAG, STARTS_TAG, TRIAL_TAG
+from adaptune.search.tracking import MlflowTrackingCallback
 from adaptune.search.tuner import close_dangling_trials
 from adaptune.spaces.tune import build_param_space
 from conftest import tiny_experiment, write_experiment

@@ -10,13 +10,10 @@ from typing import Any
 
 import pytest
 from adaptune.search.experiment import experiment_yaml, parse_experiment
-from adaptune.search.stores import existing_store
+from adaptune.search.records import experiment_hash
+from adaptune.search.stores import existing_store, resolve_tracking_uri
 from adaptune.search.tags import HASH_TAG, PARENT_TAG, TRIAL_TAG
-from adaptune.search.tracking import (
-    MlflowTrackingCallback,
-    experiment_hash,
-    resolve_tracking_uri,
-)
+from adaptune.search.tracking import MlflowTrackingCallback
 from adaptune.spaces.tune import build_param_space
 from adaptune.trainables.errors import ConfigError
 from conftest import tiny_experiment
