@@ -179,8 +179,13 @@ class SearchLock:
         return holder
 
     def _write_heartbeat(self, record: dict[str, Any]) -> None:
-        with self._fs.open_output_stream(f"{self._path}/{HEARTBEAT_FILE}") as f:
+        """Write aside, then move over the record: a reader never sees it half-written (a
+        rename on local disks and NFS; object stores' puts are whole anyway)."""
+        path = f"{self._path}/{HEARTBEAT_FILE}"
+        aside = f"{path}.{record['token']}"
+        with self._fs.open_output_stream(aside) as f:
             f.write(json.dumps(record | {"beat": time.time()}).encode())
+        self._fs.move(aside, path)
 
     def _take_heartbeat(self, record: dict[str, Any]) -> None:
         holder = self._read_heartbeat()
