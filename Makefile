@@ -52,7 +52,7 @@ test: install-test
 	$(BIN)/python -m pytest -q
 
 lint: install-test
-	$(BIN)/ruff check search spaces trainables tests benchmarks
+	$(BIN)/ruff check search spaces trainables tests benchmarks experiments
 
 # docs/benchmarks.md. bench-quick: the trainable's speed against a bare PyTorch loop (minutes).
 bench-quick: install

@@ -51,6 +51,8 @@ class RunResult:
     run_id: str | None = None  # the MLflow run (None with ``tracking=False``)
     tracking_uri: str | None = None
     base_losses: list[float] = field(default_factory=list)  # the pretrain domain, per row
+    # the retain domains (``run.stream.retain``), per row: one loss per domain, in their order
+    retain_losses: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -204,6 +206,7 @@ def _train(
     quiet: bool,
 ) -> RunResult:
     """:func:`train` once the experiment is resolved."""
+    from adaptune.search.records import extra_columns, matrix_record
     from adaptune.trainables.run import prepare, run_stream
 
     ckpts = out / "checkpoints"
@@ -242,7 +245,7 @@ def _train(
             f"{metrics['train_tokens_per_s']:,.0f} tok/s  [{time.perf_counter() - start:.0f}s]",
             flush=True,
         )
-        scalars = {k: v for k, v in metrics.items() if k != "loss_matrix"}
+        scalars = {k: v for k, v in metrics.items() if k not in ("loss_matrix", "retain_matrix")}
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(scalars) + "\n")
         if tracker is not None:
@@ -250,7 +253,10 @@ def _train(
 
     try:
         progress = run_stream(prep, report=report, resume_from=resume_from, stop_after=stop_after)
-        matrix = {"tasks": names, "loss_matrix": progress.loss_matrix, "base": progress.base_losses}
+        matrix = matrix_record(
+            names, progress.loss_matrix, base=progress.base_losses,
+            retain=[r.name for r in prep.retain], retain_matrix=progress.retain_losses,
+        )
         (out / "loss_matrix.json").write_text(json.dumps(matrix))
         if tracker is not None:
             tracker.finish(matrix, progress.tasks_done)
@@ -259,7 +265,7 @@ def _train(
             tracker.fail(err)
         raise
     _print(quiet, "\nloss matrix (nats/token; row = after training on, column = evaluated on)")
-    _print(quiet, format_matrix(progress.loss_matrix, names, progress.base_losses or None))
+    _print(quiet, format_matrix(progress.loss_matrix, names, None, extra_columns(matrix)))
     _print(quiet, f"\ncheckpoints: {ckpts}\nmetrics:     {out / 'metrics.jsonl'}")
     if tracker is not None:
         _print(quiet, f"mlflow:      {tracker.tracking_uri}  (run {tracker.run_id})")
@@ -278,6 +284,7 @@ def _train(
         run_id=tracker.run_id if tracker else None,
         tracking_uri=tracker.tracking_uri if tracker else None,
         base_losses=list(progress.base_losses),
+        retain_losses=[list(r) for r in progress.retain_losses],
     )
 
 

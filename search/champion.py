@@ -4,11 +4,16 @@ in MLflow's model registry with the alias ``champion`` (``models:/NAME@champion`
 The model generates from a plain prompt both ways MLflow loads it: as the transformers
 pipeline (``mlflow.transformers.load_model``) and as a pyfunc model, whose signature declares
 the generation settings a caller may pass as ``params`` (:data:`GENERATION_PARAMS`).
+
+The champion of a LoRA run is the merged model (a plain transformers model: its base with every
+adapter merged in); the adapters themselves are logged beside it in the trial's run, as the
+artifacts ``adapter/`` (and ``merged/`` with ``lora_merge_each_task``).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +21,14 @@ from adaptune.search.experiment import Experiment
 from adaptune.search.locations import CHAMPION_ALIAS, registered_model_name
 from adaptune.search.tags import CHAMPION_RUN_TAG, CHAMPION_TAG, CHAMPION_URI_TAG, TRIAL_TAG
 from adaptune.search.tracking import MlflowTrackingCallback
+from adaptune.trainables.checkpoint import materialize_model
 from adaptune.trainables.model import (
     context_length,
     default_max_new_tokens,
     serving_tokenizer,
     set_generation_defaults,
 )
+from adaptune.trainables.update import ADAPTER_DIR, MERGED_DIR
 
 # name -> (MLflow param type, default); None: the default comes from the model
 GENERATION_PARAMS: dict[str, tuple[str, Any]] = {
@@ -49,13 +56,14 @@ def generation_signature(context: int | None) -> Any:
     )
 
 
-def load_champion_parts(checkpoint_dir: Path) -> tuple[Any, Any]:
+def load_champion_parts(checkpoint_dir: Path, scratch: Path) -> tuple[Any, Any]:
     """The checkpoint's model and tokenizer, ready to generate (a checkpoint written before the
-    generation defaults existed gets them here too)."""
+    generation defaults existed gets them here too). A LoRA checkpoint's adapters are merged
+    into its base first, in ``scratch`` (:func:`materialize_model`)."""
     import torch
     import transformers
 
-    model_dir = checkpoint_dir / "model"
+    model_dir = materialize_model(checkpoint_dir, scratch / "model")
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     tokenizer = serving_tokenizer(tokenizer, context_length(model.config))
@@ -81,7 +89,6 @@ def publish_champion(
     """
     import mlflow
 
-    model, tokenizer = load_champion_parts(checkpoint_dir)
     name = registered_model_name(exp)
     mlflow.set_tracking_uri(callback.tracking_uri)
     client, parent = callback.client, callback.start_parent()
@@ -91,10 +98,16 @@ def publish_champion(
     mlflow.set_experiment(experiment_id=callback.experiment_id)
     hub_noise = _HubMetadataFilter()
     logging.getLogger("mlflow.transformers").addFilter(hub_noise)
-    try:
-        info = _log_model(model, tokenizer, trial_id, run_id)
-    finally:
-        logging.getLogger("mlflow.transformers").removeFilter(hub_noise)
+    # the scratch folder (a LoRA run's merged model) outlives the weights loaded from it
+    with tempfile.TemporaryDirectory(prefix="adaptune-champion-") as scratch:
+        try:
+            model, tokenizer = load_champion_parts(checkpoint_dir, Path(scratch))
+            info = _log_model(model, tokenizer, trial_id, run_id)
+        finally:
+            logging.getLogger("mlflow.transformers").removeFilter(hub_noise)
+    for folder in (ADAPTER_DIR, MERGED_DIR):  # LoRA: the adapters beside the merged model
+        if (checkpoint_dir / folder).is_dir():
+            client.log_artifacts(run_id, str(checkpoint_dir / folder), artifact_path=folder)
     version = mlflow.register_model(info.model_uri, name, tags={TRIAL_TAG: trial_id})
     client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
     uri = f"models:/{name}@{CHAMPION_ALIAS}"

@@ -24,8 +24,12 @@ from pydantic import ValidationError
 def objective_metrics(exp: Experiment) -> dict[str, Direction]:
     """Metrics a search of ``exp`` may optimise, with their better direction
     (:func:`trainables.metrics.objectives` for its stream)."""
-    tasks = [task.name for task in exp.run.stream.tasks]
-    return objectives(tasks, pretrain=exp.run.model.pretrain is not None)
+    stream = exp.run.stream
+    return objectives(
+        [t.name for t in stream.tasks],
+        pretrain=exp.run.model.pretrain is not None,
+        retain_names=[r.name for r in stream.retain],
+    )
 
 
 def check_search(exp: Experiment, *, resume: bool = False, folder: bool = True) -> None:

@@ -35,12 +35,19 @@ def naming_file(path: str) -> Iterator[None]:
         raise ConfigError("\n".join(named)) from None
 
 
-def format_matrix(matrix: list[list[float]], names: list[str], base: list[float] | None) -> str:
-    """The loss matrix as a text table: one row per stage, one column per task."""
-    cols = ([*names, "(base)"] if base else names)
+def format_matrix(
+    matrix: list[list[float]],
+    names: list[str],
+    base: list[float] | None,
+    extra: dict[str, list[float]] | None = None,
+) -> str:
+    """The loss matrix as a text table: one row per stage, one column per task, then the
+    pretrain domain's ``(base)`` column and the ``extra`` ones (label -> one loss per row:
+    ``retain/<name>``)."""
+    columns = {**({"(base)": base} if base else {}), **(extra or {})}
+    cols = [*names, *columns]
     rows = [["before", *matrix[0]]] + [[f"after {names[i]}", *r] for i, r in enumerate(matrix[1:])]
-    if base:
-        rows = [[*r, base[i]] for i, r in enumerate(rows)]
+    rows = [[*r, *(col[i] for col in columns.values())] for i, r in enumerate(rows)]
     width = max(12, *(len(c) for c in cols))
     first = max(len(str(r[0])) for r in rows)
     lines = [" " * first + "  " + "  ".join(f"{c:>{width}}" for c in cols)]

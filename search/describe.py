@@ -60,6 +60,13 @@ def describe_search(exp: Experiment, prep: Any) -> str:
             f"  {t.name:<{width}}  {t.train.shape[0]} train blocks ({t.train_tokens:,} tokens), "
             f"{t.eval.shape[0]} eval blocks of {exp.run.stream.block_size} tokens"
         )
+    if prep.retain:
+        lines.append(f"retain:     {len(prep.retain)} (evaluated, never trained on)")
+        lines += [
+            f"  {r.name:<{width}}  {r.eval.shape[0]} eval blocks of "
+            f"{exp.run.stream.block_size} tokens"
+            for r in prep.retain
+        ]
     lines.append(f"objective:  {s.metric} ({s.mode})")
     lines.append(f"searched:   {len(searched)} hyperparameters")
     lines += [f"  {n:<{width}}  {_describe_spec(v)}" for n, v in searched.items()]

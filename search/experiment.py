@@ -71,7 +71,18 @@ class SearchConfig(_Strict):
 
 class ResourcesConfig(_Strict):
     cpus_per_trial: float = Field(1.0, gt=0)
+    # 0.25: four trials share one GPU. Ray can give a trial part of one GPU or whole GPUs, not
+    # 1.5 (such a trial would wait forever), and counts in steps of 0.0001.
     gpus_per_trial: float = Field(0.0, ge=0)
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _gpu_share(cls, value: float) -> float:
+        if value and not (1e-4 <= value <= 1 or float(value).is_integer()):
+            raise ValueError(
+                "must be 0, a share of one GPU in [0.0001, 1] or a whole number of GPUs"
+            )
+        return value
 
 
 class TrackingConfig(_Strict):

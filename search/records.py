@@ -30,7 +30,8 @@ from adaptune.trainables.config import HYPERPARAMETERS
 WHERE_TAGS = {"threads": THREADS_TAG, "cuda": CUDA_TAG, "node_id": NODE_ID_TAG,
               "node_ip": NODE_IP_TAG, "hostname": HOSTNAME_TAG, "pid": PID_TAG}
 # Ray's bookkeeping values that are numbers but not measurements
-_SKIP = {"loss_matrix", "timestamp", "done", "should_checkpoint", "trial_id", *WHERE_TAGS}
+_SKIP = {"loss_matrix", "retain_matrix", "timestamp", "done", "should_checkpoint", "trial_id",
+         *WHERE_TAGS}
 
 
 def experiment_hash(yaml_text: str) -> str:
@@ -98,34 +99,77 @@ def run_name(number: int, trial_id: str) -> str:
     return f"t{number:02d}-{trial_id}"
 
 
-def loss_matrix_figure(matrix: list[list[float]], task_names: list[str]) -> Any:
-    """Heatmap of L[i][j]: rows = stage (before, after task i), columns = evaluated task."""
+def matrix_record(
+    tasks: list[str],
+    loss_matrix: list[list[float]],
+    *,
+    base: list[float] | None = None,
+    retain: list[str] | None = None,
+    retain_matrix: list[list[float]] | None = None,
+) -> dict[str, Any]:
+    """A run's ``loss_matrix.json``: ``tasks`` and ``loss_matrix`` (row 0 before training, row
+    i after task i); ``base``, the pretrain domain's loss per row, when given; with retain
+    domains, their names (``retain``) and ``retain_matrix`` (one row per row of the matrix, one
+    loss per retain domain)."""
+    record: dict[str, Any] = {"tasks": tasks, "loss_matrix": loss_matrix}
+    if base is not None:
+        record["base"] = base
+    if retain:
+        record |= {"retain": retain, "retain_matrix": retain_matrix or []}
+    return record
+
+
+def extra_columns(record: dict[str, Any]) -> dict[str, list[float]]:
+    """The columns a loss matrix is shown with beside its tasks', label -> one loss per row:
+    ``(base)`` (the pretrain domain) and ``retain/<name>`` (each retain domain)."""
+    columns: dict[str, list[float]] = {}
+    if record.get("base"):
+        columns["(base)"] = list(record["base"])
+    for r, name in enumerate(record.get("retain") or []):
+        columns[f"retain/{name}"] = [row[r] for row in record.get("retain_matrix") or []]
+    return columns
+
+
+def loss_matrix_figure(
+    matrix: list[list[float]],
+    task_names: list[str],
+    extra: dict[str, list[float]] | None = None,
+) -> Any:
+    """Heatmap of L[i][j]: rows = stage (before, after task i), columns = evaluated task, then
+    the ``extra`` columns (:func:`extra_columns`) behind a vertical line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    extra = extra or {}
+    labels = [*task_names, *extra]
+    cells = [[*row, *(col[i] for col in extra.values())] for i, row in enumerate(matrix)]
     rows = ["before", *(f"after {n}" for n in task_names[: len(matrix) - 1])]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(task_names), 1.2 + 0.6 * len(rows)))
-    im = ax.imshow(matrix, cmap="viridis_r", aspect="auto")
-    ax.set_xticks(range(len(task_names)), task_names, rotation=30, ha="right")
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(labels), 1.2 + 0.6 * len(rows)))
+    im = ax.imshow(cells, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("evaluated on")
     ax.set_ylabel("after training on")
-    for i, row in enumerate(matrix):
+    if extra:  # trained tasks on the left, never-trained domains on the right
+        ax.axvline(len(task_names) - 0.5, color="w", linewidth=3)
+    lo, hi = im.get_clim()
+    for i, row in enumerate(cells):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
+            ink = "w" if v > (lo + hi) / 2 else "k"  # viridis_r: high losses are the dark cells
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color=ink, fontsize=8)
     fig.colorbar(im, ax=ax, label="loss (nats/token)")
     fig.tight_layout()
     return fig
 
 
 def log_loss_matrix(client: Any, run_id: str, record: dict[str, Any]) -> None:
-    """A run's ``record`` (``tasks``, ``loss_matrix`` and anything beside them) as
-    ``loss_matrix.json``, and the matrix's heatmap as ``loss_matrix.png``."""
+    """A run's ``record`` (:func:`matrix_record`) as ``loss_matrix.json``, and the matrix's
+    heatmap, extra columns included, as ``loss_matrix.png``."""
     import matplotlib.pyplot as plt
 
     client.log_dict(run_id, record, "loss_matrix.json")
-    fig = loss_matrix_figure(record["loss_matrix"], record["tasks"])
+    fig = loss_matrix_figure(record["loss_matrix"], record["tasks"], extra_columns(record))
     client.log_figure(run_id, fig, "loss_matrix.png")
     plt.close(fig)

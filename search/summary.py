@@ -20,6 +20,11 @@ class TrialRow:
     tasks_done: int
     status: str  # "complete", "stopped" (by ASHA), "error"
     params: dict[str, Any]
+    # what the trial cost, from its last report (trainables.cost); None when it never reported
+    params_trainable: int | None = None
+    params_total: int | None = None
+    peak_rss_mb: float | None = None
+    peak_gpu_mb: float | None = None  # only on CUDA
 
 
 @dataclass
@@ -52,6 +57,10 @@ def trial_rows(exp: Experiment, results: Any) -> list[TrialRow]:
                 tasks_done=done,
                 status=status,
                 params=searched_params(r.config, list(exp.space)),
+                params_trainable=_number(m.get("params_trainable"), int),
+                params_total=_number(m.get("params_total"), int),
+                peak_rss_mb=_number(m.get("peak_rss_mb"), float),
+                peak_gpu_mb=_number(m.get("peak_gpu_mb"), float),
             )
         )
     sign = 1 if s.mode == "min" else -1
@@ -64,9 +73,13 @@ def trial_rows(exp: Experiment, results: Any) -> list[TrialRow]:
 
 
 def format_table(rows: list[TrialRow], metric: str, *, markdown: bool = False) -> str:
-    """Trials as a text (or markdown) table."""
+    """Trials as a text (or markdown) table: the searched values, then what each trial cost
+    (``params`` trainable/total, peak resident memory, peak GPU memory when any trial had
+    one; MiB)."""
     names = list(rows[0].params) if rows else []
-    head = ["rank", "trial", metric, "tasks", "status", *names]
+    gpu = any(r.peak_gpu_mb is not None for r in rows)
+    head = ["rank", "trial", metric, "tasks", "status", *names, "params", "rss_mb"]
+    head += ["gpu_mb"] if gpu else []
     body = [
         [
             str(i),
@@ -75,6 +88,9 @@ def format_table(rows: list[TrialRow], metric: str, *, markdown: bool = False) -
             str(r.tasks_done),
             r.status,
             *(_fmt(r.params[n]) for n in names),
+            _params(r),
+            _mib(r.peak_rss_mb),
+            *([_mib(r.peak_gpu_mb)] if gpu else []),
         ]
         for i, r in enumerate(rows, start=1)
     ]
@@ -88,6 +104,33 @@ def format_table(rows: list[TrialRow], metric: str, *, markdown: bool = False) -
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _number(v: Any, kind: type[int] | type[float]) -> Any:
+    """``v`` as ``kind`` when it is a finite number, else None."""
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return kind(v) if ok else None
+
+
+def _count(n: int) -> str:
+    """A parameter count in three significant digits: ``460K``, ``124M``, ``1.24B``."""
+    if n < 1000:
+        return str(n)
+    for size, suffix in ((1e3, "K"), (1e6, "M")):
+        text = f"{n / size:.3g}"
+        if "e" not in text:  # 999,999 is "1e+03" K: it is 1M
+            return text + suffix
+    return f"{n / 1e9:.3g}B"
+
+
+def _params(r: TrialRow) -> str:
+    if r.params_trainable is None or r.params_total is None:
+        return "-"
+    return f"{_count(r.params_trainable)}/{_count(r.params_total)}"
+
+
+def _mib(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
 
 
 def _objective_plot(rows: list[TrialRow], metric: str) -> Any:
@@ -125,10 +168,13 @@ def log_summary(
     client.log_text(parent, format_table(rows, metric, markdown=True), "trials.md")
     buf = io.StringIO()
     names = list(rows[0].params) if rows else []
-    buf.write(",".join(["trial_id", metric, "tasks_done", "status", *names]) + "\n")
+    costs = ["params_trainable", "params_total", "peak_rss_mb", "peak_gpu_mb"]
+    buf.write(",".join(["trial_id", metric, "tasks_done", "status", *names, *costs]) + "\n")
     for r in rows:
         cells = [r.trial_id, "" if r.value is None else repr(r.value), str(r.tasks_done), r.status]
-        buf.write(",".join(cells + [str(r.params[n]) for n in names]) + "\n")
+        cells += [str(r.params[n]) for n in names]
+        cells += ["" if getattr(r, c) is None else str(getattr(r, c)) for c in costs]
+        buf.write(",".join(cells) + "\n")
     client.log_text(parent, buf.getvalue(), "trials.csv")
     fig = _objective_plot(rows, metric)
     client.log_figure(parent, fig, "objective_per_trial.png")

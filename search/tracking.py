@@ -39,6 +39,7 @@ from adaptune.search.records import (
     get_or_create_experiment,
     git_commit,
     log_loss_matrix,
+    matrix_record,
     numeric_metrics,
     run_name,
     trial_params,
@@ -288,7 +289,11 @@ class MlflowTrackingCallback(Callback):
         last = getattr(trial, "last_result", None) or {}
         matrix = last.get("loss_matrix")
         if matrix:
-            log_loss_matrix(self.client, run_id, {"tasks": self.task_names, "loss_matrix": matrix})
+            retain = [r.name for r in self.exp.run.stream.retain]
+            record = matrix_record(
+                self.task_names, matrix, retain=retain, retain_matrix=last.get("retain_matrix")
+            )
+            log_loss_matrix(self.client, run_id, record)
         tags = [RunTag(TASKS_DONE_TAG, str(last.get("task_index", 0)))]
         failures = getattr(trial, "num_failures", 0)
         if failures:

@@ -94,7 +94,7 @@ def build_tuner(
     s = exp.search
     local = local_results_dir(exp)
     storage_path = str(local.parent) if local is not None else exp.storage_path
-    resources = {"cpu": exp.resources.cpus_per_trial, "gpu": exp.resources.gpus_per_trial}
+    resources = trial_resources(exp)
     _classic_output()
     # Ray's default output prints the whole nested config of the best trial at every update; a
     # CLIReporter shows one row per trial with the searched values and the task-level metrics.
@@ -140,6 +140,12 @@ def build_tuner(
     )
 
 
+def trial_resources(exp: Experiment) -> dict[str, float]:
+    """What each trial reserves, for ``tune.with_resources``: CPUs and a GPU share (0.25: four
+    trials on one GPU)."""
+    return {"cpu": exp.resources.cpus_per_trial, "gpu": exp.resources.gpus_per_trial}
+
+
 def restore_tuner(exp: Experiment, *, trainable: Trainable) -> Any:
     """The interrupted search in ``<storage_path>/<name>`` as a ``ray.tune.Tuner`` to fit again.
 
@@ -152,7 +158,7 @@ def restore_tuner(exp: Experiment, *, trainable: Trainable) -> Any:
     """
     from ray import tune
 
-    resources = {"cpu": exp.resources.cpus_per_trial, "gpu": exp.resources.gpus_per_trial}
+    resources = trial_resources(exp)
     _classic_output()
     return tune.Tuner.restore(
         search_location(exp),

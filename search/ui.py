@@ -53,7 +53,7 @@ from urllib.parse import quote, urlencode
 from adaptune.search.stores import DEFAULT_TRACKING_URI, check_tracking_server, existing_store
 from adaptune.search.tags import KIND_SEARCH, KIND_TAG, PARENT_TAG, SEARCHED_TAG, TASKS_DONE_TAG
 from adaptune.trainables.errors import ConfigError
-from adaptune.trainables.metrics import HEADLINE_METRICS
+from adaptune.trainables.metrics import HEADLINE_METRICS, RETAIN_HEADLINE_METRICS
 
 SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # MLflow UI's experiment tags of shared views
 
@@ -167,7 +167,8 @@ def find_view(
         searched = parent.data.tags.get(SEARCHED_TAG)  # trials log fixed values too
         params = tuple(p for p in params if searched is None or p in searched.split(","))
         reported = {m for c in children for m in c.data.metrics}
-        metrics = tuple(m for m in HEADLINE_METRICS if m in reported)
+        shown = (*HEADLINE_METRICS, *RETAIN_HEADLINE_METRICS)
+        metrics = tuple(m for m in shown if m in reported)
     return SearchView(
         experiment_id=str(experiment_id),
         experiment_name=name,

@@ -105,6 +105,14 @@ def test_separate_tokenizer_path(
     assert tok("Hello world")["input_ids"] == [15496, 995]
 
 
+def test_dtype_sets_the_weights_of_a_pretrained_model(local_gpt2: Path) -> None:
+    cfg = ModelConfig(name=str(local_gpt2), dtype="bfloat16")
+    model = build_model(cfg, load_tokenizer(cfg))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="`dtype` applies only to pretrained models"):
+        ModelConfig(dtype="bfloat16")  # the built model
+
+
 UNKNOWN = "adaptune-tests/no-such-model-xyz"
 
 

@@ -40,6 +40,12 @@ def test_search_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
     assert main(["search", "e2e.yaml"]) == 0
     out = capsys.readouterr().out
     assert "champion: models:/adaptune-e2e@champion" in out
+    # the summary table ends with what each trial cost; no gpu_mb column without CUDA
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "trial"])
+    assert lines[head].split()[-2:] == ["params", "rss_mb"]
+    trainable, total = lines[head + 1].split()[-2].split("/")
+    assert trainable == total and float(lines[head + 1].split()[-1]) > 50
 
     # Optuna: the study persists beside the Ray results; stopped trials are PRUNED
     study = optuna.load_study(
@@ -70,6 +76,7 @@ def test_search_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
     status = {r.data.tags[TRIAL_TAG]: r.info.status for r in children}
     assert all(status[i] == "KILLED" for i in pruned)
     assert all(status[i] == "FINISHED" for i in complete)
+    assert all(r.data.metrics["params_trainable"] > 0 for r in children)
     parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     expected = {"experiment.yaml", "trials.csv", "trials.md", "objective_per_trial.png"}
     assert expected <= parent_artifacts

@@ -86,9 +86,11 @@ class PretrainConfig(_Strict):
 
 class ModelConfig(_Strict):
     # "tiny-gpt" builds a GPT-2-style model from the fields below with a byte-level tokenizer;
-    # anything else is a transformers model name or a local path (AutoModelForCausalLM).
+    # anything else is a transformers model name, a local folder (AutoModelForCausalLM) or a
+    # local .gguf file (dequantized; its tokenizer comes from the same file).
     name: str = "tiny-gpt"
-    tokenizer: str | None = None  # defaults to `name` for transformers models
+    tokenizer: str | None = None  # defaults to `name` for transformers models; a folder or .gguf
+    dtype: Literal["float32", "bfloat16"] = "float32"  # weights of a pretrained model
     n_layer: int = Field(2, ge=1)
     n_embd: int = Field(128, ge=8)
     n_head: int = Field(4, ge=1)
@@ -107,11 +109,18 @@ class ModelConfig(_Strict):
             )
         if self.pretrain is not None and self.name != "tiny-gpt":
             raise ValueError("`pretrain` applies only to the built model (name: tiny-gpt)")
+        if self.dtype != "float32" and self.name == "tiny-gpt":
+            raise ValueError(
+                "`dtype` applies only to pretrained models; the built model (name: tiny-gpt) "
+                f"trains in float32 (bf16 on CUDA: hardware.bf16), but got dtype={self.dtype!r}"
+            )
         return self
 
 
 class StreamConfig(_Strict):
     tasks: list[DomainConfig] = Field(min_length=1)
+    # eval-only domains, never trained on: what a pretrained model keeps of its general ability
+    retain: list[DomainConfig] = []
     block_size: int = Field(128, ge=8)  # tokens per packed block
     max_train_tokens: int = Field(65536, ge=1)  # cap on training tokens per task
     max_eval_blocks: int = Field(32, ge=1)  # cap on held-out blocks per task
@@ -123,6 +132,12 @@ class StreamConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"task names must be unique, but got duplicates {dupes}")
+        names += [r.name for r in self.retain]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"names must be unique across tasks and retain, but got duplicates {dupes}"
+            )
         return self
 
 
@@ -165,6 +180,34 @@ class HardwareConfig(_Strict):
     threads: int | None = Field(None, ge=1)  # torch CPU threads; default: the trial's CPUs
 
 
+class UpdateConfig(_Strict):
+    """Which weights a run trains. Knobs of another mode are ignored (searches sample them
+    jointly), so every one is searchable on its own."""
+
+    # full: every weight; freeze: the embeddings and the bottom `freeze_layers` blocks stay
+    # fixed; lora: LoRA adapters (peft) train, the base weights stay fixed
+    mode: Literal["full", "freeze", "lora"] = "full"
+    freeze_layers: int = Field(0, ge=0)  # freeze: transformer blocks frozen, from the bottom
+    lora_r: int = Field(8, ge=1)  # lora: rank of each adapter
+    lora_alpha: float = Field(16.0, gt=0)  # lora: the update is scaled by lora_alpha / lora_r
+    lora_dropout: float = Field(0.0, ge=0, lt=1)  # lora: dropout on the adapters' input
+    # lora: names of the modules that get adapters (a list, or one string "a,b"); None = peft's
+    # default for the architecture (GPT-2: c_attn; Llama: q_proj, v_proj)
+    target_modules: list[str] | None = Field(None, min_length=1)
+    # lora: merge the adapter into the weights at each task boundary and train a fresh one on
+    # the next task; false: one adapter trained across the whole stream
+    lora_merge_each_task: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _modules_from_string(cls, data: Any) -> Any:
+        """``target_modules: "c_attn,c_proj"``: a search can choose among strings only."""
+        if isinstance(data, dict) and isinstance(data.get("target_modules"), str):
+            names = [n.strip() for n in data["target_modules"].split(",")]
+            data = {**data, "target_modules": [n for n in names if n]}
+        return data
+
+
 class RunConfig(_Strict):
     seed: int = 0
     model: ModelConfig = ModelConfig()
@@ -172,6 +215,7 @@ class RunConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     components: ComponentsConfig = ComponentsConfig()
     hardware: HardwareConfig = HardwareConfig()
+    update: UpdateConfig = UpdateConfig()
     eval_batch_size: Annotated[int, Field(ge=1)] = 32
 
 
@@ -182,6 +226,8 @@ HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
     **{k: ("components", "replay", k) for k in ReplayConfig.model_fields},
     **{k: ("components", "ewc", k) for k in EWCConfig.model_fields},
     **{k: ("components", "distill", k) for k in DistillConfig.model_fields},
+    "update_mode": ("update", "mode"),
+    **{k: ("update", k) for k in UpdateConfig.model_fields if k != "mode"},
 }
 
 
@@ -318,7 +364,12 @@ def with_absolute_paths(cfg: RunConfig, base: Path) -> RunConfig:
                 )
             }
         )
-    stream = cfg.stream.model_copy(update={"tasks": [domain(t) for t in cfg.stream.tasks]})
+    stream = cfg.stream.model_copy(
+        update={
+            "tasks": [domain(t) for t in cfg.stream.tasks],
+            "retain": [domain(r) for r in cfg.stream.retain],
+        }
+    )
     return cfg.model_copy(update={"model": model, "stream": stream})
 
 
@@ -347,5 +398,10 @@ def with_local_inputs(cfg: RunConfig, base: Path) -> RunConfig:
     if model.pretrain is not None:
         pretrain = model.pretrain.model_copy(update={"domain": inputs(model.pretrain.domain)})
         model = model.model_copy(update={"pretrain": pretrain})
-    stream = cfg.stream.model_copy(update={"tasks": [inputs(t) for t in cfg.stream.tasks]})
+    stream = cfg.stream.model_copy(
+        update={
+            "tasks": [inputs(t) for t in cfg.stream.tasks],
+            "retain": [inputs(r) for r in cfg.stream.retain],
+        }
+    )
     return cfg.model_copy(update={"model": model, "stream": stream})

@@ -2,6 +2,7 @@
 
 Every domain is split into held-out eval documents and training documents by a seeded shuffle
 (``stream.data_seed``, the same for every trial of a search), so eval text is never trained on.
+A retain domain (``stream.retain``) is eval text only: it is measured, never trained on.
 Long documents are first cut at line boundaries into chunks of a few blocks, so the eval set
 samples many places of a domain rather than one long file.
 """
@@ -183,16 +184,16 @@ def _pack(token_lists: list[list[int]], block_size: int) -> Tensor:
     return torch.tensor(flat[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
-def build_task(
-    domain: DomainConfig, stream: StreamConfig, tokenizer: Any, field: str = "domain"
-) -> TaskData:
-    """Tokenize and pack one domain into train and eval blocks, deterministic for ``data_seed``."""
+def _token_docs(
+    domain: DomainConfig, stream: StreamConfig, tokenizer: Any, field: str, train_need: int
+) -> tuple[list[list[int]], list[list[int]], int]:
+    """Token ids of the domain's shuffled chunks: eval documents first (``max_eval_blocks``
+    worth), then up to ``train_need`` training tokens; and the count of both."""
     docs = domain_documents(domain, field)
     chunks = [c for d in docs for c in _chunks(d, max_chars=4 * stream.block_size * 4)]
     random.Random(f"{stream.data_seed}:{domain.name}").shuffle(chunks)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     eval_need = stream.max_eval_blocks * stream.block_size
-    train_need = stream.max_train_tokens
     eval_ids: list[list[int]] = []
     train_ids: list[list[int]] = []
     have_eval = have_train = 0
@@ -209,15 +210,40 @@ def build_task(
             elif have_train < train_need:
                 train_ids.append(ids)
                 have_train += len(ids)
+    return eval_ids, train_ids, have_eval + have_train
+
+
+def build_task(
+    domain: DomainConfig, stream: StreamConfig, tokenizer: Any, field: str = "domain"
+) -> TaskData:
+    """Tokenize and pack one domain into train and eval blocks, deterministic for ``data_seed``."""
+    eval_ids, train_ids, have = _token_docs(
+        domain, stream, tokenizer, field, stream.max_train_tokens
+    )
     eval_blocks = _pack(eval_ids, stream.block_size)[: stream.max_eval_blocks]
     train_blocks = _pack(train_ids, stream.block_size)
     train_blocks = train_blocks[: max(1, stream.max_train_tokens // stream.block_size)]
     if eval_blocks.shape[0] == 0 or train_blocks.shape[0] == 0:
         raise ConfigError(
             f"{field}: too little text for one train and one eval block of "
-            f"block_size={stream.block_size} tokens (got {have_eval + have_train} tokens)"
+            f"block_size={stream.block_size} tokens (got {have} tokens)"
         )
     return TaskData(domain.name, train_blocks, eval_blocks)
+
+
+def build_eval_task(
+    domain: DomainConfig, stream: StreamConfig, tokenizer: Any, field: str = "domain"
+) -> TaskData:
+    """One eval-only domain (a retain domain): all its blocks held out, up to
+    ``max_eval_blocks``, sampled like a task's; ``train`` is empty, so nothing trains on it."""
+    eval_ids, _, have = _token_docs(domain, stream, tokenizer, field, train_need=0)
+    eval_blocks = _pack(eval_ids, stream.block_size)[: stream.max_eval_blocks]
+    if eval_blocks.shape[0] == 0:
+        raise ConfigError(
+            f"{field}: too little text for one eval block of block_size={stream.block_size} "
+            f"tokens (got {have} tokens)"
+        )
+    return TaskData(domain.name, eval_blocks[:0], eval_blocks)
 
 
 def build_stream(stream: StreamConfig, tokenizer: Any) -> list[TaskData]:
@@ -229,4 +255,16 @@ def build_stream(stream: StreamConfig, tokenizer: Any) -> list[TaskData]:
     return [
         build_task(d, stream, tokenizer, field=f"run.stream.tasks.{i}")
         for i, d in enumerate(stream.tasks)
+    ]
+
+
+def build_retain(stream: StreamConfig, tokenizer: Any) -> list[TaskData]:
+    """Every retain domain of the stream (eval blocks only), in order.
+
+    Raises:
+        ConfigError: as :func:`build_stream`, naming ``run.stream.retain.<i>``.
+    """
+    return [
+        build_eval_task(d, stream, tokenizer, field=f"run.stream.retain.{i}")
+        for i, d in enumerate(stream.retain)
     ]

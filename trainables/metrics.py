@@ -4,6 +4,9 @@
 the model before any training. Tasks are columns ``1..T``; the matrix is stored 0-based in
 columns, so ``L[i][j - 1]`` is task ``j``. Means over an empty set (``forgetting`` and ``bwt`` at
 task 1, ``fwt`` before task 2) are reported as 0.0 so every rung has a number.
+
+Retain domains (``stream.retain``) are evaluated but never trained on: ``R[i][r]`` is the loss
+on retain domain ``r`` (0-based) after task ``i``, row 0 again before any training.
 """
 
 from __future__ import annotations
@@ -30,33 +33,50 @@ STREAM_METRICS: dict[str, Direction] = {  # the keys of stream_metrics()
 }
 TASK_METRICS: dict[str, Direction] = {"loss": "min", "ppl": "min"}  # as f"{key}/{task name}"
 BASE_METRICS: dict[str, Direction] = {"base_loss": "min", "base_ppl": "min"}  # with a pretrain
+# With retain domains: the keys of retain_metrics(), and each domain's loss as f"retain/{name}".
+# Alone, each favours a model that learns little of the stream; it measures the price paid.
+RETAIN_METRICS: dict[str, Direction] = {
+    "retain_loss": "min",
+    "retain_ppl": "min",
+    "retain_forgetting": "min",  # positive = forgot
+}
+RETAIN_DOMAIN_METRICS: dict[str, Direction] = {"retain": "min"}  # as f"retain/{domain name}"
 # `forgetting` is 0 after task 1, so every trial would tie at ASHA's first rung and a search
 # optimising it would favour models that learn nothing: never an objective.
 OBJECTIVES: dict[str, Direction] = {k: d for k, d in STREAM_METRICS.items() if k != "forgetting"}
 # Shown beside the objective wherever trials are listed.
 HEADLINE_METRICS = ("stream_loss", "seen_loss", "new_task_loss", "forgetting")
+RETAIN_HEADLINE_METRICS = ("retain_loss", "retain_forgetting")  # beside them, with retain
 
 
-def objectives(task_names: Sequence[str], *, pretrain: bool) -> dict[str, Direction]:
+def objectives(
+    task_names: Sequence[str], *, pretrain: bool, retain_names: Sequence[str] = ()
+) -> dict[str, Direction]:
     """Every metric a search over this stream may optimise, with its better direction.
 
     Args:
         task_names: the stream's tasks, in order.
         pretrain: whether the run pretrains on a base domain (``base_loss`` is reported).
+        retain_names: the stream's retain domains (``retain_loss`` is reported when any).
     """
     allowed = dict(OBJECTIVES)
     for name in task_names:
         allowed |= {f"{key}/{name}": d for key, d in TASK_METRICS.items()}
-    return allowed | (BASE_METRICS if pretrain else {})
+    allowed |= BASE_METRICS if pretrain else {}
+    if retain_names:
+        allowed |= RETAIN_METRICS
+    for name in retain_names:
+        allowed |= {f"{key}/{name}": d for key, d in RETAIN_DOMAIN_METRICS.items()}
+    return allowed
 
 
 def direction(metric: str) -> Direction | None:
-    """The better direction of the objective ``metric`` (``loss/<task>`` for any task name),
-    or None when it is not an objective."""
+    """The better direction of the objective ``metric`` (``loss/<task>`` for any task name,
+    ``retain/<domain>`` for any retain domain), or None when it is not an objective."""
     key, per_task, _ = metric.partition("/")
     if per_task:
-        return TASK_METRICS.get(key)
-    return OBJECTIVES.get(metric) or BASE_METRICS.get(metric)
+        return TASK_METRICS.get(key) or RETAIN_DOMAIN_METRICS.get(key)
+    return OBJECTIVES.get(metric) or BASE_METRICS.get(metric) or RETAIN_METRICS.get(metric)
 
 
 def _mean(xs: list[float]) -> float:
@@ -103,3 +123,33 @@ def task_forgetting(L: Matrix, k: int, j: int) -> float:
     if j >= k:
         return 0.0
     return float(L[k][j - 1]) - min(float(L[l][j - 1]) for l in range(j, k))
+
+
+def retain_metrics(R: Matrix, k: int, names: Sequence[str]) -> dict[str, float]:
+    """Metrics of the retain domains after task ``k``, from rows ``0..k`` of ``R``.
+
+    Args:
+        R: ``R[i][r]``: the loss on retain domain ``r`` after task ``i`` (row 0: before).
+        k: tasks done (0 gives the values before training; ``retain_forgetting`` is then 0).
+        names: the retain domains, in the order of ``R``'s columns; none gives ``{}``.
+
+    Returns:
+        ``retain_loss`` (mean over the domains), ``retain_ppl`` (its exp),
+        ``retain_forgetting`` (``retain_loss`` now minus before the first task; positive =
+        forgot) and ``retain/<name>`` (each domain's loss).
+    """
+    if not names:
+        return {}
+    if not 0 <= k < len(R) or len(R[k]) != len(names):
+        raise ValueError(
+            f"`0 <= k < len(R)` and one column per name must hold, but got "
+            f"(k={k}, len(R)={len(R)}, names={list(names)})"
+        )
+    now = _mean([float(v) for v in R[k]])
+    before = _mean([float(v) for v in R[0]])
+    return {
+        "retain_loss": now,
+        "retain_ppl": math.exp(now),
+        "retain_forgetting": now - before,
+        **{f"retain/{name}": float(R[k][r]) for r, name in enumerate(names)},
+    }

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from adaptune.trainables import gguf
 from adaptune.trainables.config import ModelConfig, StreamConfig
 from adaptune.trainables.errors import ConfigError
 from torch import Tensor, nn
@@ -33,7 +34,8 @@ def _quiet_transformers() -> None:
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
-    """Byte-level ByT5 tokenizer (no files) for the built model, else ``AutoTokenizer``.
+    """Byte-level ByT5 tokenizer (no files) for the built model, the tokenizer a GGUF file
+    describes for a ``.gguf`` name, else ``AutoTokenizer``.
 
     Raises:
         ConfigError: the tokenizer cannot be loaded (offline, missing path, unknown name).
@@ -44,19 +46,28 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     if cfg.name == TINY and cfg.tokenizer is None:
         return transformers.ByT5Tokenizer()
     name = cfg.tokenizer or cfg.name
+    field = f"run.model.{'tokenizer' if cfg.tokenizer else 'name'}"
+    if gguf.is_gguf(name):
+        tok = gguf.load_tokenizer(name, field)
+    else:
+        tok = _auto_tokenizer(cfg, name, field)
+    if tok.eos_token_id is None and tok.sep_token_id is not None:
+        tok.eos_token = tok.sep_token
+    return tok
+
+
+def _auto_tokenizer(cfg: ModelConfig, name: str, field: str) -> Any:
+    import transformers
+
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(
+        return transformers.AutoTokenizer.from_pretrained(
             name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except Exception as err:  # noqa: BLE001 - OSError, ValueError, hub errors: all unloadable
         raise ConfigError(
-            f"run.model.{'tokenizer' if cfg.tokenizer else 'name'}: cannot load tokenizer "
-            f"{name!r} ({_why(name, err)}); valid values: {TINY!r}, a local path, or a hub "
-            "name reachable from this machine"
+            f"{field}: cannot load tokenizer {name!r} ({_why(name, err)}); valid values: "
+            f"{TINY!r}, a local path, a .gguf file, or a hub name reachable from this machine"
         ) from None
-    if tok.eos_token_id is None and tok.sep_token_id is not None:
-        tok.eos_token = tok.sep_token
-    return tok
 
 
 def _first_line(err: BaseException) -> str:
@@ -73,7 +84,8 @@ def _why(name: str, err: BaseException) -> str:
 
 
 def build_model(cfg: ModelConfig, tokenizer: Any) -> nn.Module:
-    """A fresh tiny GPT-2 (dropout and sizes from ``cfg``) or a pretrained causal LM.
+    """A fresh tiny GPT-2 (dropout and sizes from ``cfg``) or a pretrained causal LM (a
+    transformers folder, a hub name or a ``.gguf`` file) with its weights in ``cfg.dtype``.
 
     Raises:
         ConfigError: the model cannot be loaded.
@@ -96,40 +108,50 @@ def build_model(cfg: ModelConfig, tokenizer: Any) -> nn.Module:
             pad_token_id=tokenizer.pad_token_id,
         )
         return transformers.GPT2LMHeadModel(config)
+    dtype = getattr(torch, cfg.dtype)
     try:
+        if gguf.is_gguf(cfg.name):
+            return gguf.load_model(cfg.name, dtype)
         return transformers.AutoModelForCausalLM.from_pretrained(
-            cfg.name,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-            dtype=torch.float32,
+            cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype
         )
+    except ConfigError:
+        raise
     except Exception as err:  # noqa: BLE001
-        raise ConfigError(
-            f"run.model.name: cannot load causal LM {cfg.name!r} ({_why(cfg.name, err)}); valid "
-            f"values: {TINY!r}, a local path, or a hub name reachable from this machine"
-        ) from None
+        raise _unloadable(cfg.name, err) from None
+
+
+def _unloadable(name: str, err: BaseException) -> ConfigError:
+    return ConfigError(
+        f"run.model.name: cannot load causal LM {name!r} ({_why(name, err)}); valid values: "
+        f"{TINY!r}, a local path, a .gguf file, or a hub name reachable from this machine"
+    )
 
 
 def check_model_loadable(cfg: ModelConfig) -> Any:
-    """Fail fast (config only, no weights) when a named model cannot be loaded.
+    """Fail fast (config only, no weights) when a named model cannot be loaded. A ``.gguf``
+    file is checked from its metadata: the file, its header, its architecture and the
+    packages transformers needs to load it (:func:`adaptune.trainables.gguf.check_model`).
 
     Returns:
         The model's transformers config, or None for the built model.
+
+    Raises:
+        ConfigError: one line naming ``run.model.name``, the cause and what to do.
     """
     if cfg.name == TINY:
         return None
     import transformers
 
     _quiet_transformers()
+    if gguf.is_gguf(cfg.name):
+        return gguf.check_model(cfg.name)
     try:
         return transformers.AutoConfig.from_pretrained(
             cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except Exception as err:  # noqa: BLE001
-        raise ConfigError(
-            f"run.model.name: cannot load causal LM {cfg.name!r} ({_why(cfg.name, err)}); valid "
-            f"values: {TINY!r}, a local path, or a hub name reachable from this machine"
-        ) from None
+        raise _unloadable(cfg.name, err) from None
 
 
 # English prose, Python and a little punctuation: any usable tokenizer of a language model
@@ -207,7 +229,7 @@ def context_length(config: Any) -> int | None:
 def pretrain_key(cfg: ModelConfig, stream: StreamConfig) -> str:
     """Hash of everything that determines the pretrained weights."""
     payload = {
-        "model": cfg.model_dump(exclude={"pretrain"}),
+        "model": cfg.model_dump(exclude={"pretrain", "dtype"}),  # the built model: float32
         "pretrain": cfg.pretrain.model_dump(exclude={"cache_dir"}) if cfg.pretrain else None,
         "block_size": stream.block_size,
         "max_train_tokens": stream.max_train_tokens,

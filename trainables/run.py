@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,10 @@ from adaptune.trainables.components import (
     states,
 )
 from adaptune.trainables.config import RunConfig
-from adaptune.trainables.data import TaskData, build_stream, build_task
+from adaptune.trainables.cost import CostMeter
+from adaptune.trainables.data import TaskData, build_retain, build_stream, build_task
 from adaptune.trainables.errors import ConfigError, TrainingDivergedError
-from adaptune.trainables.metrics import stream_metrics, task_forgetting
+from adaptune.trainables.metrics import retain_metrics, stream_metrics, task_forgetting
 from adaptune.trainables.model import (
     TINY,
     build_model,
@@ -46,6 +47,12 @@ from adaptune.trainables.model import (
     load_tokenizer,
     next_token_loss,
     pretrain_dir,
+)
+from adaptune.trainables.update import (
+    apply_update,
+    check_update,
+    load_adapters,
+    merge_adapter,
 )
 from torch import Tensor, nn
 
@@ -59,6 +66,7 @@ class Prepared:
     tokenizer: Any
     tasks: list[TaskData]
     base: TaskData | None  # the pretrain domain, evaluated as an extra column
+    retain: list[TaskData] = field(default_factory=list)  # eval-only domains, extra columns
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -70,6 +78,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     config = check_model_loadable(cfg.model)  # before the tokenizer: a bad name is the model
     tokenizer = load_tokenizer(cfg.model)
     check_tokenizer(cfg.model, tokenizer, config)  # a degenerate one would train on noise
+    check_update(cfg, config, tokenizer)  # freeze_layers, LoRA target modules
     limit = cfg.model.n_positions if config is None else context_length(config)
     if limit is not None and cfg.stream.block_size > limit:
         where = "run.model.n_positions" if config is None else f"the context of {cfg.model.name}"
@@ -82,7 +91,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         base = build_task(
             cfg.model.pretrain.domain, cfg.stream, tokenizer, "run.model.pretrain.domain"
         )
-    return Prepared(cfg, tokenizer, tasks, base)
+    return Prepared(cfg, tokenizer, tasks, base, build_retain(cfg.stream, tokenizer))
 
 
 def pick_device(cfg: RunConfig) -> torch.device:
@@ -153,6 +162,14 @@ def pretrained_model(prep: Prepared, device: torch.device) -> nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
 
 
+def base_model(prep: Prepared, device: torch.device) -> nn.Module:
+    """The model the stream starts from, before its update mode: the same weights at every
+    call (a built model is initialised from the run's seed), which a LoRA checkpoint, holding
+    no base weights, is rebuilt on."""
+    torch.manual_seed(prep.cfg.seed)
+    return pretrained_model(prep, device)
+
+
 def run_stream(
     prep: Prepared,
     *,
@@ -179,13 +196,13 @@ def run_stream(
     cfg, tasks = prep.cfg, prep.tasks
     torch.set_num_threads(cfg.hardware.threads or threads or os.cpu_count() or 1)
     device = pick_device(cfg)
+    cost = CostMeter(device)  # peak memory from here on
     autocast = _autocast(cfg, device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # batch order and every component's draws
     comps = build_components(cfg.components)  # the active ones, in registry order
     model, progress = _start(prep, device, resume_from)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    params, opt = _optimizer(cfg, model)
     if resume_from is not None:
         _restore(resume_from, comps, opt, gen)
     else:
@@ -229,6 +246,7 @@ def run_stream(
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
+        model, params, opt, ctx = _task_boundary(prep, model, params, opt, ctx)
         for comp in comps.values():
             comp.after_task(ctx)
         t2 = time.perf_counter()
@@ -245,7 +263,7 @@ def run_stream(
             "after_task_time_s": t2 - t1,
             "eval_time_s": t3 - t2,
             "steps": steps,
-        }
+        } | cost.measure(model)
         with tempfile.TemporaryDirectory(prefix="adaptune-ckpt-") as tmp:
             report(metrics, _checkpoint(Path(tmp), prep, model, opt, comps, gen, progress))
     return progress
@@ -276,18 +294,52 @@ def _autocast(cfg: RunConfig, device: torch.device) -> AbstractContextManager[An
 def _start(
     prep: Prepared, device: torch.device, resume_from: Path | None
 ) -> tuple[nn.Module, Progress]:
-    """The model to train (in training mode, on ``device``) and the progress so far."""
+    """The model to train (in training mode, on ``device``, in the run's update mode) and the
+    progress so far."""
+    cfg = prep.cfg
     if resume_from is None:
-        progress = Progress(config=prep.cfg.model_dump(mode="json"))
-        model = pretrained_model(prep, device)
+        progress = Progress(config=cfg.model_dump(mode="json"))
+        model = apply_update(base_model(prep, device), cfg.update)
+    elif not (resume_from / "model").is_dir():  # LoRA: adapters only, on the same base
+        progress = load_progress(resume_from)
+        model = load_adapters(base_model(prep, device).to(device), resume_from)
     else:
         import transformers
 
         progress = load_progress(resume_from)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            resume_from / "model", dtype=torch.float32
+            resume_from / "model", dtype=getattr(torch, cfg.model.dtype)
         )
+        model = apply_update(model, cfg.update)
     return model.to(device).train(), progress
+
+
+def _optimizer(
+    cfg: RunConfig, model: nn.Module
+) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
+    """AdamW over the trainable parameters, in the model's order (a checkpoint's optimizer
+    state maps onto them by position)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return params, torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+def _task_boundary(
+    prep: Prepared,
+    model: nn.Module,
+    params: list[nn.Parameter],
+    opt: torch.optim.Optimizer,
+    ctx: TaskContext,
+) -> tuple[nn.Module, list[nn.Parameter], torch.optim.Optimizer, TaskContext]:
+    """After training task ``ctx.k``, before the components' ``after_task``: with
+    ``lora_merge_each_task`` (and a task still to come) the adapter is merged and a fresh one,
+    with a fresh optimizer, trains next; EWC's Fisher is then taken over the fresh adapter.
+    Otherwise everything is returned as it is."""
+    u = prep.cfg.update
+    if u.mode != "lora" or not u.lora_merge_each_task or ctx.k == ctx.n_tasks:
+        return model, params, opt, ctx
+    model = merge_adapter(model)
+    params, opt = _optimizer(prep.cfg, model)
+    return model, params, opt, replace(ctx, model=model)
 
 
 def _restore(
@@ -325,11 +377,15 @@ def _checkpoint(
 def _evaluate_row(
     prep: Prepared, model: nn.Module, device: torch.device, progress: Progress
 ) -> None:
-    """Append the loss on every task (and on the pretrain domain) to ``progress``."""
+    """Append the loss on every task (and on the pretrain and retain domains) to ``progress``."""
     batch_size = prep.cfg.eval_batch_size
     progress.loss_matrix.append([evaluate(model, t.eval, batch_size, device) for t in prep.tasks])
     if prep.base is not None:
         progress.base_losses.append(evaluate(model, prep.base.eval, batch_size, device))
+    if prep.retain:
+        progress.retain_losses.append(
+            [evaluate(model, r.eval, batch_size, device) for r in prep.retain]
+        )
 
 
 def _batch_order(
@@ -343,7 +399,8 @@ def _batch_order(
 
 
 def _task_metrics(prep: Prepared, progress: Progress, k: int) -> dict[str, Any]:
-    """Everything reported after task ``k``: objective, CL metrics, per-task losses."""
+    """Everything reported after task ``k``: objective, CL metrics, per-task losses, and
+    the pretrain and retain domains' losses."""
     L = progress.loss_matrix
     metrics: dict[str, Any] = {"task_index": k, **stream_metrics(L, k)}
     for j, task in enumerate(prep.tasks, start=1):
@@ -354,5 +411,8 @@ def _task_metrics(prep: Prepared, progress: Progress, k: int) -> dict[str, Any]:
         metrics["base_loss"] = progress.base_losses[k]
         metrics["base_ppl"] = math.exp(progress.base_losses[k])
         metrics["base_forgetting"] = progress.base_losses[k] - progress.base_losses[0]
+    if prep.retain:
+        metrics |= retain_metrics(progress.retain_losses, k, [r.name for r in prep.retain])
+        metrics["retain_matrix"] = [list(r) for r in progress.retain_losses]
     metrics["loss_matrix"] = [list(r) for r in L]
     return metrics
