@@ -25,6 +25,7 @@ class TrialRow:
     params_total: int | None = None
     peak_rss_mb: float | None = None
     peak_gpu_mb: float | None = None  # only on CUDA
+    retain_forgetting: float | None = None  # with retain domains: what the model lost of them
 
 
 @dataclass
@@ -61,6 +62,7 @@ def trial_rows(exp: Experiment, results: Any) -> list[TrialRow]:
                 params_total=_number(m.get("params_total"), int),
                 peak_rss_mb=_number(m.get("peak_rss_mb"), float),
                 peak_gpu_mb=_number(m.get("peak_gpu_mb"), float),
+                retain_forgetting=_number(m.get("retain_forgetting"), float),
             )
         )
     sign = 1 if s.mode == "min" else -1
@@ -73,13 +75,16 @@ def trial_rows(exp: Experiment, results: Any) -> list[TrialRow]:
 
 
 def format_table(rows: list[TrialRow], metric: str, *, markdown: bool = False) -> str:
-    """Trials as a text (or markdown) table: the searched values, then what each trial cost
+    """Trials as a text (or markdown) table: the searched values, ``retain_forgetting`` when
+    the stream has retain domains (and it is not the objective), then what each trial cost
     (``params`` trainable/total, peak resident memory, peak GPU memory when any trial had
     one; MiB)."""
     names = list(rows[0].params) if rows else []
     gpu = any(r.peak_gpu_mb is not None for r in rows)
-    head = ["rank", "trial", metric, "tasks", "status", *names, "params", "rss_mb"]
-    head += ["gpu_mb"] if gpu else []
+    retain = metric != "retain_forgetting" and any(r.retain_forgetting is not None for r in rows)
+    head = ["rank", "trial", metric, "tasks", "status", *names]
+    head += ["retain_forgetting"] if retain else []
+    head += ["params", "rss_mb", *(["gpu_mb"] if gpu else [])]
     body = [
         [
             str(i),
@@ -88,6 +93,8 @@ def format_table(rows: list[TrialRow], metric: str, *, markdown: bool = False) -
             str(r.tasks_done),
             r.status,
             *(_fmt(r.params[n]) for n in names),
+            *([_fmt(r.retain_forgetting) if r.retain_forgetting is not None else "-"]
+              if retain else []),
             _params(r),
             _mib(r.peak_rss_mb),
             *([_mib(r.peak_gpu_mb)] if gpu else []),
