@@ -1,5 +1,6 @@
 """Update modes (``run.update``): which weights train in full, freeze and LoRA mode, exact
-resume from LoRA and freeze checkpoints, the merged champion of a LoRA search, bad input."""
+resume from LoRA and freeze checkpoints, the merged model served from a LoRA checkpoint, bad
+input (a LoRA search's registered champion: tests/test_pretrained.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pytest
 import torch
 import transformers
@@ -238,45 +238,3 @@ def test_dry_run_shows_a_search_over_update_modes(
     ):
         assert re.search(rf"^  {line}$", out, re.MULTILINE), (line, out)
     assert not (tmp_path / "runs").exists()
-
-
-@pytest.mark.slow
-def test_lora_search_registers_the_merged_model_and_logs_the_adapter(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "fox.txt").write_text("The quick brown fox jumps over the lazy dog.\n" * 400)
-    fox = {"name": "fox", "files": ["fox.txt"]}
-    data = tiny_experiment(
-        "lora",
-        run={
-            # a base that already writes the sentence (the pretrain cache, shared by the trials)
-            "model": {"pretrain": {"domain": {**fox, "name": "base"}, "steps": 200}},
-            "stream": {"tasks": [fox], "max_train_tokens": 2048},
-            "optim": {"lr": 1e-2},
-            "update": {"mode": "lora"},
-        },
-        space={"lr": None, "lora_r": {"choice": [2, 4]}},
-        search={"num_samples": 2, "scheduler": "fifo"},
-    )
-    write_experiment("lora.yaml", data)
-    assert main(["search", "lora.yaml"]) == 0
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    pipe = mlflow.transformers.load_model("models:/adaptune-lora@champion")
-    text = pipe("The ", max_new_tokens=12)[0]["generated_text"]
-    assert text.startswith("The ") and text[4:].strip(), text
-    # merged: the attention weights are the base's plus the adapter, the rest the base's
-    base = transformers.AutoModelForCausalLM.from_pretrained(
-        next((tmp_path / "runs" / "cache").glob("pretrain-*/model.safetensors")).parent,
-        dtype=torch.float32,
-    )
-    served, built = pipe.model.state_dict(), base.state_dict()
-    assert not torch.equal(served["transformer.h.0.attn.c_attn.weight"],
-                           built["transformer.h.0.attn.c_attn.weight"])
-    assert torch.equal(served["transformer.h.0.mlp.c_fc.weight"],
-                       built["transformer.h.0.mlp.c_fc.weight"])
-    client = mlflow.MlflowClient()
-    version = client.get_model_version_by_alias("adaptune-lora", "champion")
-    files = {f.path for f in client.list_artifacts(version.run_id, "adapter")}
-    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= files

@@ -11,7 +11,10 @@ the tokenizer indexes its vocabulary with it. Both are handled here.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,13 +175,35 @@ def load_model(name: str, dtype: torch.dtype) -> Any:
 
     metadata = read_metadata(name, "run.model.name")
     path = Path(name).expanduser()
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent,
-        gguf_file=path.name,
-        dtype=dtype,
-        quantization_config=transformers.GgufConfig(dequantize=True),
-        **absent_ids(metadata),
-    )
+    with _no_dequantize_bar():
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent,
+            gguf_file=path.name,
+            dtype=dtype,
+            quantization_config=transformers.GgufConfig(dequantize=True),
+            **absent_ids(metadata),
+        )
+
+
+@contextlib.contextmanager
+def _no_dequantize_bar() -> Iterator[None]:
+    """Silence the progress bar transformers' GGUF reader draws on every load (every trial of
+    a search, interleaved into Tune's table): it takes no switch, so its ``tqdm`` is swapped
+    for a disabled one while the model loads."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:  # another transformers layout: its bar stays
+        yield
+        return
+    bar = getattr(reader, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
 
 
 def load_tokenizer(name: str, field: str) -> Any:
