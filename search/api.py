@@ -249,7 +249,7 @@ def _train(
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(scalars) + "\n")
         if tracker is not None:
-            tracker.log_task(metrics)
+            tracker.log_task(metrics, dest)
 
     try:
         progress = run_stream(prep, report=report, resume_from=resume_from, stop_after=stop_after)

@@ -29,6 +29,7 @@ def objective_metrics(exp: Experiment) -> dict[str, Direction]:
         [t.name for t in stream.tasks],
         pretrain=exp.run.model.pretrain is not None,
         retain_names=[r.name for r in stream.retain],
+        online=stream.mode == "online",
     )
 
 

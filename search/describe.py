@@ -67,6 +67,8 @@ def describe_search(exp: Experiment, prep: Any) -> str:
             f"{exp.run.stream.block_size} tokens"
             for r in prep.retain
         ]
+    if exp.run.stream.mode == "online":
+        lines += describe_online(exp.run.stream, prep.tasks, width)
     lines.append(f"objective:  {s.metric} ({s.mode})")
     lines.append(f"searched:   {len(searched)} hyperparameters")
     lines += [f"  {n:<{width}}  {_describe_spec(v)}" for n, v in searched.items()]
@@ -93,6 +95,49 @@ def describe_search(exp: Experiment, prep: Any) -> str:
         f"champion models:/{registered_model_name(exp)}@{CHAMPION_ALIAS})"
     )
     return "\n".join(lines)
+
+
+def describe_online(stream: Any, tasks: list[Any], width: int = 0) -> list[str]:
+    """An online stream's chunks per segment and its update policy, as the dry run prints them.
+
+    Args:
+        stream: the run's :class:`trainables.config.StreamConfig` (``mode: online``).
+        tasks: the prepared tasks (the segments), with their training blocks.
+        width: the column the segment names are padded to.
+    """
+    from adaptune.trainables.online import plan_chunks, segment_bounds
+
+    per = stream.chunk_tokens // stream.block_size
+    chunks = plan_chunks(tasks, per)
+    bounds = segment_bounds(chunks, len(tasks))
+    lines = [
+        f"online:     {len(chunks)} chunks of {stream.chunk_tokens:,} tokens ({per} blocks), each "
+        f"scored before any update on it; one report per segment (= task)"
+    ]
+    for k, t in enumerate(tasks, start=1):
+        n, last = bounds[k] - bounds[k - 1], chunks[bounds[k] - 1].blocks
+        tail = "" if last == per else f" (the last of {last} blocks)"
+        lines.append(
+            f"  {t.name:<{width}}  segment {k}: {n} chunks{tail}, {t.train_tokens:,} tokens"
+        )
+    n = len(chunks)
+    if stream.update_policy == "every":
+        policy = f"every: trains on every chunk ({n} updates)"
+    elif stream.update_policy == "interval":
+        m = stream.update_interval
+        policy = (
+            f"interval: trains on chunks 1, {1 + m}, {1 + 2 * m}, ... "
+            f"({math.ceil(n / m)} updates)"
+        )
+    else:
+        what = "λ" if stream.drift_detector == "page_hinkley" else "δ"
+        policy = (
+            f"drift: {stream.drift_detector} ({what} = {stream.drift_threshold:g}, after "
+            f"{stream.drift_min_chunks} scores of the unchanged model); trains on the first "
+            f"{stream.drift_update_chunks} chunks and on {stream.drift_update_chunks} from each "
+            f"detection"
+        )
+    return [*lines, f"policy:     {policy}"]
 
 
 def _describe_scheduler(exp: Experiment, T: int) -> str:

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import math
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,15 @@ WHERE_TAGS = {"threads": THREADS_TAG, "cuda": CUDA_TAG, "node_id": NODE_ID_TAG,
 # Ray's bookkeeping values that are numbers but not measurements
 _SKIP = {"loss_matrix", "retain_matrix", "timestamp", "done", "should_checkpoint", "trial_id",
          *WHERE_TAGS}
+# online mode: the per-chunk lists of a segment's report (trainables.online); chunk_nll becomes
+# a metric series at step = chunk index, the rest mark the prequential plot
+CHUNK_NLL = "chunk_nll"
+_MAX_BATCH = 1000  # metrics per MLflow log_batch call
+
+
+# a checkpoint's folder of component texts: <component>/<file> (the run writes it, see
+# adaptune.trainables.components.base.ARTIFACTS_DIR; not imported here, it would load torch)
+ARTIFACTS_DIR = "artifacts"
 
 
 def experiment_hash(yaml_text: str) -> str:
@@ -172,4 +182,94 @@ def log_loss_matrix(client: Any, run_id: str, record: dict[str, Any]) -> None:
     client.log_dict(run_id, record, "loss_matrix.json")
     fig = loss_matrix_figure(record["loss_matrix"], record["tasks"], extra_columns(record))
     client.log_figure(run_id, fig, "loss_matrix.png")
+    plt.close(fig)
+
+
+def checkpoint_texts(filesystem: Any, checkpoint_path: str) -> dict[str, str]:
+    """The texts components wrote into a checkpoint (``Component.artifacts``), as
+    ``"<component>/<file>"`` -> text; ``filesystem`` is a pyarrow filesystem (a Tune
+    checkpoint's own, or the local one), so shared storage (S3, NFS) reads like a folder."""
+    from pyarrow import fs
+
+    root = f"{checkpoint_path.rstrip('/')}/{ARTIFACTS_DIR}"
+    selector = fs.FileSelector(root, allow_not_found=True, recursive=True)
+    texts = {}
+    for info in filesystem.get_file_info(selector):
+        if info.type == fs.FileType.File:
+            with filesystem.open_input_stream(info.path) as f:
+                texts[info.path[len(root) + 1 :]] = f.read().decode("utf-8")
+    return texts
+
+
+def log_task_texts(client: Any, run_id: str, texts: dict[str, str], step: int) -> None:
+    """Each text of :func:`checkpoint_texts` as the artifact ``<component>/task-<step>/<file>``
+    (a task's self-replay samples: ``self_replay/task-2/samples.txt``)."""
+    for rel, text in sorted(texts.items()):
+        component, _, file = rel.partition("/")
+        client.log_text(run_id, text, f"{component}/task-{step}/{file}")
+
+
+def chunk_series(result: dict[str, Any]) -> list[tuple[int, float]]:
+    """(chunk index, score) for the chunks of the segment a report closes (none outside online
+    mode): what a tracker logs as the ``chunk_nll`` series, each chunk once."""
+    nll, bounds = result.get(CHUNK_NLL), result.get("chunk_boundaries")
+    if not nll or not bounds:
+        return []
+    k = int(result.get("task_index", len(bounds) - 1))
+    lo, hi = bounds[k - 1], min(bounds[k], len(nll))
+    return [(i, float(nll[i])) for i in range(lo, hi) if math.isfinite(nll[i])]
+
+
+def log_chunk_series(client: Any, run_id: str, result: dict[str, Any]) -> None:
+    """Log :func:`chunk_series` as the metric ``chunk_nll`` at step = chunk index."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = [Metric(CHUNK_NLL, v, now, i) for i, v in chunk_series(result)]
+    for i in range(0, len(values), _MAX_BATCH):
+        client.log_batch(run_id, metrics=values[i : i + _MAX_BATCH])
+
+
+def prequential_figure(result: dict[str, Any], task_names: list[str]) -> Any:
+    """Each chunk's prequential loss against its index, the segments' boundaries as dashed
+    lines (labelled with their tasks), drift detections as red triangles and the chunks
+    trained on as ticks along the bottom."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nll = [float(v) for v in result[CHUNK_NLL]]
+    bounds = list(result.get("chunk_boundaries") or [0, len(nll)])
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.plot(range(len(nll)), nll, color="C0", linewidth=1.2, marker=".", label="chunk NLL")
+    for k, name in enumerate(task_names[: len(bounds) - 1]):
+        if bounds[k] >= len(nll):
+            break
+        if k:
+            ax.axvline(bounds[k] - 0.5, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(name, (bounds[k] - 0.4, 1.0), xycoords=("data", "axes fraction"),
+                    va="top", fontsize=8, color="grey")
+    lo = min(nll)
+    updates = [i for i in result.get("chunk_updates") or [] if i < len(nll)]
+    if updates:
+        ax.plot(updates, [lo] * len(updates), "|", color="C2", markersize=8, label="trained on")
+    hits = [i for i in result.get("chunk_detections") or [] if i < len(nll)]
+    if hits:
+        ax.plot(hits, [nll[i] for i in hits], "v", color="C3", markersize=8, label="drift")
+    ax.set_xlabel("chunk (in stream order)")
+    ax.set_ylabel("NLL before training on it (nats/token)")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def log_prequential(client: Any, run_id: str, result: dict[str, Any], tasks: list[str]) -> None:
+    """``prequential.png`` (:func:`prequential_figure`) for a report that has chunk scores."""
+    if not result.get(CHUNK_NLL):
+        return
+    import matplotlib.pyplot as plt
+
+    fig = prequential_figure(result, tasks)
+    client.log_figure(run_id, fig, "prequential.png")
     plt.close(fig)

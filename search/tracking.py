@@ -13,10 +13,14 @@ callback runs on the driver, so workers need no MLflow access:
   or fixed; every numeric measurement as a metric at step = task index; the settings the trial
   ran with (torch threads, CUDA or not) and where it last ran as tags (``adaptune.threads``,
   ``adaptune.cuda``, ``adaptune.node_id`` (Ray node), ``adaptune.node_ip``,
-  ``adaptune.hostname``, ``adaptune.pid``); at the end the loss matrix as JSON and as a
-  heatmap, and status FINISHED (all tasks), KILLED (stopped early by the scheduler) or FAILED
-  (tag ``adaptune.error`` = the error's type, first line and the task where it happened;
-  artifact ``error.txt`` = the traceback). A trial that FailureConfig retries keeps its run
+  ``adaptune.hostname``, ``adaptune.pid``); the texts the components wrote into a task's
+  checkpoint (self-replay's samples) as ``<component>/task-<k>/<file>``, read from the
+  checkpoint's storage; in online mode each chunk's prequential loss as the series
+  ``chunk_nll`` (step = chunk index); at the end the loss matrix as JSON and as a heatmap
+  (online mode: and ``prequential.png``), and status
+  FINISHED (all tasks), KILLED (stopped early by the scheduler) or FAILED (tag
+  ``adaptune.error`` = the error's type, first line and the task where it happened; artifact
+  ``error.txt`` = the traceback). A trial that FailureConfig retries keeps its run
   (tag ``adaptune.failures`` = retries so far).
 - a resumed search (``adaptune search --resume``) reuses the parent run (:meth:`resume_parent`)
   and every child: tag ``adaptune.starts`` counts the times Ray started a trial (1 unless it was
@@ -27,6 +31,7 @@ callback runs on the driver, so workers need no MLflow access:
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import traceback
@@ -35,10 +40,14 @@ from typing import Any
 
 from adaptune.search.records import (
     WHERE_TAGS,
+    checkpoint_texts,
     experiment_hash,
     get_or_create_experiment,
     git_commit,
+    log_chunk_series,
     log_loss_matrix,
+    log_prequential,
+    log_task_texts,
     matrix_record,
     numeric_metrics,
     run_name,
@@ -70,6 +79,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 ERROR_ARTIFACT = "error.txt"  # Ray's error file: every failure with its traceback
+logger = logging.getLogger(__name__)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -294,6 +304,7 @@ class MlflowTrackingCallback(Callback):
                 self.task_names, matrix, retain=retain, retain_matrix=last.get("retain_matrix")
             )
             log_loss_matrix(self.client, run_id, record)
+        log_prequential(self.client, run_id, last, self.task_names)  # online mode only
         tags = [RunTag(TASKS_DONE_TAG, str(last.get("task_index", 0)))]
         failures = getattr(trial, "num_failures", 0)
         if failures:
@@ -322,6 +333,19 @@ class MlflowTrackingCallback(Callback):
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
         where = [RunTag(tag, str(result[k])) for k, tag in WHERE_TAGS.items() if k in result]
         self.client.log_batch(run_id, metrics=metrics, tags=where)
+        log_chunk_series(self.client, run_id, result)  # online mode: the segment's chunks
+
+    def on_checkpoint(
+        self, iteration: int, trials: list[Any], trial: Any, checkpoint: Any, **info: Any
+    ) -> None:
+        # The texts the components wrote for the task just reported (self-replay samples);
+        # Tune calls this after on_trial_result, so last_result is that task's report.
+        step = int((getattr(trial, "last_result", None) or {}).get("task_index", 0))
+        try:
+            texts = checkpoint_texts(checkpoint.filesystem, checkpoint.path)
+            log_task_texts(self.client, self.child_run_id(trial), texts, step)
+        except Exception as err:  # noqa: BLE001 - Tune drops a checkpoint whose callback raised
+            logger.warning("trial %s: component texts not logged: %s", trial.trial_id, err)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         last = getattr(trial, "last_result", None) or {}

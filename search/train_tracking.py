@@ -3,9 +3,11 @@
 It lives in the experiment's MLflow experiment (same tracking URI and experiment name as a
 search of that experiment) with tag ``adaptune.kind`` = ``train``; params = every resolved
 hyperparameter by its flat name (the names a trial's run uses), plus the model and the tasks;
-metrics = everything the run reports after a task, at step = task index; at the end the loss
-matrix as JSON and as a heatmap. A resumed run (``--resume``) continues the same MLflow run,
-whose id is kept in the output folder.
+metrics = everything the run reports after a task, at step = task index (online mode:
+and each chunk's prequential loss as the series ``chunk_nll``, step = chunk index); the texts the
+components wrote for a task (self-replay's samples) as ``<component>/task-<k>/<file>``; at the
+end the loss matrix as JSON and as a heatmap (online mode: and ``prequential.png``). A resumed
+run (``--resume``) continues the same MLflow run, whose id is kept in the output folder.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from typing import Any
 
 from adaptune.search.experiment import Experiment, experiment_yaml
 from adaptune.search.records import (
+    checkpoint_texts,
     experiment_hash,
     get_or_create_experiment,
     git_commit,
+    log_chunk_series,
     log_loss_matrix,
+    log_prequential,
+    log_task_texts,
     numeric_metrics,
     trial_params,
 )
@@ -71,6 +77,7 @@ class TrainTracker:
         self.experiment_name = exp.tracking.experiment_name or exp.name
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.run_id: str | None = None
+        self._last: dict[str, Any] = {}  # the latest report (online mode: the chunks so far)
 
     def start(self, *, resume: bool) -> str:
         """Create the run (or, with ``resume``, reopen the one the output folder names)."""
@@ -98,20 +105,28 @@ class TrainTracker:
         kept.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri}))
         return self.run_id
 
-    def log_task(self, metrics: dict[str, Any]) -> None:
-        """The metrics reported after a task, at step = task index."""
+    def log_task(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
+        """The metrics reported after a task, at step = task index, and the texts the
+        components wrote into its ``checkpoint`` (``<component>/task-<k>/<file>``)."""
         from mlflow.entities import Metric
+        from pyarrow import fs
 
         assert self.run_id is not None
         step, now = int(metrics["task_index"]), int(time.time() * 1000)
         values = [Metric(k, v, now, step) for k, v in numeric_metrics(metrics).items()]
         self.client.log_batch(self.run_id, metrics=values)
+        log_chunk_series(self.client, self.run_id, metrics)  # online mode: the segment's chunks
+        self._last = metrics
+        if checkpoint is not None:
+            texts = checkpoint_texts(fs.LocalFileSystem(), str(checkpoint.resolve()))
+            log_task_texts(self.client, self.run_id, texts, step)
 
     def finish(self, loss_matrix: dict[str, Any], tasks_done: int) -> None:
         """The loss matrix (JSON and heatmap), then FINISHED (every task) or KILLED (stopped
         early with ``stop_after``, to be resumed)."""
         assert self.run_id is not None
         log_loss_matrix(self.client, self.run_id, loss_matrix)
+        log_prequential(self.client, self.run_id, self._last, loss_matrix["tasks"])
         self.client.set_tag(self.run_id, TASKS_DONE_TAG, str(tasks_done))
         done = tasks_done >= len(loss_matrix["tasks"])
         self.client.set_terminated(self.run_id, status="FINISHED" if done else "KILLED")

@@ -25,9 +25,31 @@ _DISTILL: dict[str, Any] = {
     "temperature": {"uniform": [1.0, 4.0]},  # ≈ 2 in LwF
 }
 
+_SELF_UPDATE: dict[str, Any] = {
+    "self_fraction": {"uniform": [0.05, 0.5]},  # like replay's share, of self-written blocks
+    "gen_temperature": {"uniform": [0.7, 1.2]},  # below 1: safer, less diverse samples
+    "gen_samples": {"int": [32, 256]},  # samples written before each task
+}
+
+# Online mode (stream.mode: online): the chunk size, when to train, and the rehearsal buffer.
+# The chunks are powers of two (multiples of every power-of-two block_size up to 1024); the
+# threshold is Page-Hinkley's λ in nats (drift_detector page_hinkley, the default): a step of
+# s nats is caught after about λ / s chunks, so 0.25 fires on noise and 8 only on a new domain.
+_ONLINE: dict[str, Any] = {
+    "chunk_tokens": {"choice": [1024, 2048, 4096]},
+    "update_policy": {"choice": ["every", "interval", "drift"]},
+    "update_interval": {"int": [2, 16]},  # chunks
+    "drift_threshold": {"loguniform": [0.25, 8.0]},
+    "drift_update_chunks": {"int": [1, 8]},
+    "buffer_size": {"int": [16, 4096]},  # blocks; a buffer always (the online stream rehearses)
+    "replay_fraction": {"uniform": [0.005, 0.5]},
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "replay": {**_LR, **_REPLAY},
     "ewc": {**_LR, **_EWC},
     "distill": {**_LR, **_DISTILL},
     "all": {**_LR, **_REPLAY, **_EWC, **_DISTILL},
+    "online": {**_LR, **_ONLINE},  # stream.mode: online
+    "self_update": {**_LR, **_SELF_UPDATE},  # rehearsal without stored data
 }

@@ -189,7 +189,7 @@ def test_parse_run_config_errors_are_prefixed_with_run() -> None:
     run = copy.deepcopy(BASE["run"])
     run["components"]["bogus"] = {}
     with pytest.raises(ConfigError, match=r"^run\.components\.bogus: unknown key; valid keys: "
-                                          r"replay, ewc, distill$"):
+                                          r"replay, ewc, distill, self_replay$"):
         parse_run_config(run)
 
 

@@ -10,6 +10,8 @@ Layout of one checkpoint directory::
     state.safetensors    component state (replay buffer, EWC precision/anchor) and RNG states
     optimizer.pt         AdamW state, read back with ``torch.load(weights_only=True)``
     progress.json        tasks done, loss matrix, token counts, the run config
+    artifacts/<name>/    texts a component wrote about the task (self_replay/samples.txt); a
+                         resume does not read them
 
 The distillation teacher needs no file: at a task boundary it is the model itself. A LoRA
 checkpoint holds no base weights: the run rebuilds its base (``run.base_model``) and puts the

@@ -125,9 +125,31 @@ class StreamConfig(_Strict):
     max_train_tokens: int = Field(65536, ge=1)  # cap on training tokens per task
     max_eval_blocks: int = Field(32, ge=1)  # cap on held-out blocks per task
     data_seed: int = 0  # fixes the train/eval split, shared by all trials of a search
+    # tasks: train on each task whole, then evaluate; online: the tasks' training blocks arrive
+    # in chunks, each scored before the model may learn from it (docs/online.md)
+    mode: Literal["tasks", "online"] = "tasks"
+    chunk_tokens: int = Field(2048, ge=1)  # online: tokens per chunk, a multiple of block_size
+    # online: which chunks the model trains on (every one, every n-th, or after drift)
+    update_policy: Literal["every", "interval", "drift"] = "every"
+    update_interval: int = Field(4, ge=1)  # interval: train on chunks 1, 1+n, 1+2n, ...
+    drift_detector: Literal["page_hinkley", "adwin"] = "page_hinkley"  # drift: river detector
+    drift_threshold: float = Field(1.0, gt=0)  # drift: Page-Hinkley λ (nats), or ADWIN δ < 1
+    drift_min_chunks: int = Field(3, ge=1)  # drift: scores a fresh detector needs before firing
+    drift_update_chunks: int = Field(4, ge=1)  # drift: chunks trained on from each detection
 
     @model_validator(mode="after")
     def _check(self) -> StreamConfig:
+        if self.mode == "online" and self.chunk_tokens % self.block_size:
+            raise ValueError(
+                f"`chunk_tokens % block_size == 0` must hold in online mode (a chunk is whole "
+                f"blocks), but got (chunk_tokens={self.chunk_tokens}, "
+                f"block_size={self.block_size})"
+            )
+        if self.mode == "online" and self.drift_detector == "adwin" and self.drift_threshold >= 1:
+            raise ValueError(
+                f"`drift_threshold < 1` must hold for drift_detector `adwin` (it is ADWIN's "
+                f"confidence δ), but got drift_threshold={self.drift_threshold}"
+            )
         names = [t.name for t in self.tasks]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -152,8 +174,21 @@ class OptimConfig(_Strict):
 
 
 class ReplayConfig(_Strict):
-    buffer_size: int = Field(0, ge=0)  # blocks kept by reservoir sampling; 0 = replay off
+    buffer_size: int = Field(0, ge=0)  # blocks kept; 0 = replay off
     replay_fraction: float = Field(0.25, ge=0, lt=1)  # share of every batch drawn from the buffer
+    # reservoir: a uniform sample of every block offered so far; window: the latest blocks
+    buffer_kind: Literal["reservoir", "window"] = "reservoir"
+
+    @model_validator(mode="after")
+    def _check(self) -> ReplayConfig:
+        if self.buffer_kind == "window" and self.buffer_size == 0 and self.replay_fraction > 0:
+            raise ValueError(
+                f"a window buffer of 0 blocks keeps nothing to replay: buffer_kind `window` "
+                f"needs buffer_size >= 1 while replay_fraction > 0 (got buffer_size=0, "
+                f"replay_fraction={self.replay_fraction}); replay_fraction 0 or buffer_kind "
+                f"`reservoir` with buffer_size 0 switches replay off"
+            )
+        return self
 
 
 class EWCConfig(_Strict):
@@ -168,10 +203,32 @@ class DistillConfig(_Strict):
     temperature: float = Field(2.0, gt=0)
 
 
+class SelfReplayConfig(_Strict):
+    """Self-generated rehearsal: before each task the model writes ``gen_samples`` samples; the
+    filters' survivors, packed into blocks, fill ``self_fraction`` of every batch."""
+
+    self_fraction: float = Field(0.0, ge=0, lt=1)  # share of every batch from the pool; 0 = off
+    self_pool_size: int = Field(1024, ge=1)  # blocks kept across tasks (reservoir sampling)
+    gen_samples: int = Field(64, ge=1)  # samples written before each task
+    gen_temperature: float = Field(1.0, gt=0)
+    gen_top_p: float = Field(0.95, gt=0, le=1)  # nucleus sampling; 1 = the whole vocabulary
+    gen_max_tokens: int = Field(64, ge=1)  # new tokens per sample; with the prompt <= block_size
+    # bos: the model's document start; eos: the separator the stream's text is packed with;
+    # prefix: the first gen_prefix_tokens of a random current-task block
+    gen_prompt: Literal["bos", "eos", "prefix"] = "bos"
+    gen_prefix_tokens: int = Field(8, ge=1)  # prefix: its length in tokens
+    gen_min_tokens: int = Field(8, ge=1)  # shorter samples are dropped
+    gen_overlap_n: int = Field(3, ge=1)  # n-gram order of the near-duplicate test
+    gen_max_overlap: float = Field(0.5, ge=0, le=1)  # n-gram Jaccard above which a sample drops
+    gen_ppl_min: float = Field(1.0, ge=1)  # perplexity band under the pre-update model
+    gen_ppl_max: float | None = Field(None, gt=1)  # None = no upper bound
+
+
 class ComponentsConfig(_Strict):
     replay: ReplayConfig = ReplayConfig()
     ewc: EWCConfig = EWCConfig()
     distill: DistillConfig = DistillConfig()
+    self_replay: SelfReplayConfig = SelfReplayConfig()
 
 
 class HardwareConfig(_Strict):
@@ -218,7 +275,32 @@ class RunConfig(_Strict):
     update: UpdateConfig = UpdateConfig()
     eval_batch_size: Annotated[int, Field(ge=1)] = 32
 
+    @model_validator(mode="after")
+    def _check_self_replay(self) -> RunConfig:
+        s, r, b = self.components.self_replay, self.components.replay, self.optim.batch_size
+        if s.gen_ppl_max is not None and s.gen_ppl_max <= s.gen_ppl_min:
+            raise ValueError(f"components.self_replay: `gen_ppl_min < gen_ppl_max` must hold, but "
+                             f"got (gen_ppl_min={s.gen_ppl_min}, gen_ppl_max={s.gen_ppl_max})")
+        if s.self_fraction == 0:
+            return self
+        prompt = s.gen_prefix_tokens if s.gen_prompt == "prefix" else 1
+        if prompt + s.gen_max_tokens > self.stream.block_size:
+            raise ValueError(
+                f"components.self_replay.gen_max_tokens: the prompt (gen_prompt={s.gen_prompt!r}: "
+                f"{prompt} token(s)) plus gen_max_tokens must fit in stream.block_size="
+                f"{self.stream.block_size} (got gen_max_tokens={s.gen_max_tokens})")
+        rows = [min(b - 1, round(f * b)) for f in (s.self_fraction, r.replay_fraction)]
+        if r.buffer_size > 0 and sum(rows) > b - 1:
+            raise ValueError(
+                f"components.self_replay.self_fraction: self-replay ({rows[0]} rows) and replay "
+                f"({rows[1]} rows) must leave >= 1 row of optim.batch_size={b} to the current "
+                f"task (got self_fraction={s.self_fraction}, replay_fraction={r.replay_fraction})")
+        return self
 
+
+# online-mode knobs of StreamConfig (searchable; ignored in tasks mode)
+ONLINE_KNOBS = ("chunk_tokens", "update_policy", "update_interval", "drift_detector",
+                "drift_threshold", "drift_min_chunks", "drift_update_chunks")
 # name -> path inside RunConfig; one name per searchable hyperparameter.
 HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
     "seed": ("seed",),
@@ -226,8 +308,10 @@ HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
     **{k: ("components", "replay", k) for k in ReplayConfig.model_fields},
     **{k: ("components", "ewc", k) for k in EWCConfig.model_fields},
     **{k: ("components", "distill", k) for k in DistillConfig.model_fields},
+    **{k: ("components", "self_replay", k) for k in SelfReplayConfig.model_fields},
     "update_mode": ("update", "mode"),
     **{k: ("update", k) for k in UpdateConfig.model_fields if k != "mode"},
+    **{k: ("stream", k) for k in ONLINE_KNOBS},
 }
 
 

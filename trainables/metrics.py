@@ -7,6 +7,10 @@ task 1, ``fwt`` before task 2) are reported as 0.0 so every rung has a number.
 
 Retain domains (``stream.retain``) are evaluated but never trained on: ``R[i][r]`` is the loss
 on retain domain ``r`` (0-based) after task ``i``, row 0 again before any training.
+
+Online mode (``stream.mode: online``) adds, after every segment, the prequential loss of the
+chunks so far (each scored before any update on it) and, with the drift policy, how the detector
+did against the known shift points (:func:`prequential_metrics`, :func:`drift_metrics`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,16 @@ RETAIN_METRICS: dict[str, Direction] = {
     "retain_forgetting": "min",  # positive = forgot
 }
 RETAIN_DOMAIN_METRICS: dict[str, Direction] = {"retain": "min"}  # as f"retain/{domain name}"
+# Online mode (stream.mode: online): the keys of prequential_metrics(), objectives there.
+ONLINE_METRICS: dict[str, Direction] = {"prequential_loss": "min", "prequential_ppl": "min"}
+# ... and, with the drift policy, the keys of drift_metrics(): not objectives (a detector that
+# never fires has no delay, one that always fires has no misses).
+DRIFT_METRICS: dict[str, Direction] = {
+    "detections": "min",
+    "shifts_detected": "max",
+    "detection_delay": "min",  # tokens; absent until a shift is detected
+    "false_alarms_per_10k": "min",
+}
 # `forgetting` is 0 after task 1, so every trial would tie at ASHA's first rung and a search
 # optimising it would favour models that learn nothing: never an objective.
 OBJECTIVES: dict[str, Direction] = {k: d for k, d in STREAM_METRICS.items() if k != "forgetting"}
@@ -50,7 +64,11 @@ RETAIN_HEADLINE_METRICS = ("retain_loss", "retain_forgetting")  # beside them, w
 
 
 def objectives(
-    task_names: Sequence[str], *, pretrain: bool, retain_names: Sequence[str] = ()
+    task_names: Sequence[str],
+    *,
+    pretrain: bool,
+    retain_names: Sequence[str] = (),
+    online: bool = False,
 ) -> dict[str, Direction]:
     """Every metric a search over this stream may optimise, with its better direction.
 
@@ -58,8 +76,10 @@ def objectives(
         task_names: the stream's tasks, in order.
         pretrain: whether the run pretrains on a base domain (``base_loss`` is reported).
         retain_names: the stream's retain domains (``retain_loss`` is reported when any).
+        online: whether the stream runs in online mode (``prequential_loss`` is reported).
     """
     allowed = dict(OBJECTIVES)
+    allowed |= ONLINE_METRICS if online else {}
     for name in task_names:
         allowed |= {f"{key}/{name}": d for key, d in TASK_METRICS.items()}
     allowed |= BASE_METRICS if pretrain else {}
@@ -76,7 +96,12 @@ def direction(metric: str) -> Direction | None:
     key, per_task, _ = metric.partition("/")
     if per_task:
         return TASK_METRICS.get(key) or RETAIN_DOMAIN_METRICS.get(key)
-    return OBJECTIVES.get(metric) or BASE_METRICS.get(metric) or RETAIN_METRICS.get(metric)
+    return (
+        OBJECTIVES.get(metric)
+        or BASE_METRICS.get(metric)
+        or RETAIN_METRICS.get(metric)
+        or ONLINE_METRICS.get(metric)
+    )
 
 
 def _mean(xs: list[float]) -> float:
@@ -153,3 +178,62 @@ def retain_metrics(R: Matrix, k: int, names: Sequence[str]) -> dict[str, float]:
         "retain_forgetting": now - before,
         **{f"retain/{name}": float(R[k][r]) for r, name in enumerate(names)},
     }
+
+
+def prequential_metrics(
+    chunk_nll: Sequence[float], chunk_blocks: Sequence[int]
+) -> dict[str, float]:
+    """The prequential (test-then-train) loss of an online stream so far.
+
+    Args:
+        chunk_nll: each chunk's mean next-token loss, measured before any update on it.
+        chunk_blocks: each chunk's number of blocks (the stream's last chunk of a segment may
+            be shorter), at least as long as ``chunk_nll``.
+
+    Returns:
+        ``prequential_loss``: the mean over every token scored so far (each chunk weighted by
+        its blocks, so the plain mean of ``chunk_nll`` when the chunks are equal), and
+        ``prequential_ppl``, its exp.
+    """
+    if not chunk_nll:
+        raise ValueError("`len(chunk_nll) >= 1` must hold, but got an empty list")
+    weights = list(chunk_blocks[: len(chunk_nll)])
+    loss = sum(v * w for v, w in zip(chunk_nll, weights, strict=True)) / sum(weights)
+    return {"prequential_loss": loss, "prequential_ppl": math.exp(loss)}
+
+
+def drift_metrics(
+    detections: Sequence[int], shifts: Sequence[int], tokens: int, *, window: float = math.inf
+) -> dict[str, float]:
+    """How a drift detector did against the stream's known shift points, all in tokens.
+
+    A shift's detection is its first detection within ``window`` tokens after it and no later
+    than the next shift (``shift < d <= min(shift + window, next shift)``); every other
+    detection is a false alarm.
+
+    Args:
+        detections: token positions where the detector fired (the end of the chunk whose score
+            set it off), ascending.
+        shifts: token positions of the known shift points (where segments 2, 3, ... begin).
+        tokens: tokens of the stream scored so far (the rate's denominator).
+        window: how long after a shift a detection still counts as that shift's.
+
+    Returns:
+        ``detections`` (count), ``shifts_detected``, ``detection_delay`` (mean tokens from a
+        shift to its detection; only when one was detected) and ``false_alarms_per_10k``.
+    """
+    bounds = [*shifts, math.inf]
+    delays = []
+    for shift, nxt in zip(bounds, bounds[1:], strict=False):
+        end = min(shift + window, nxt)
+        first = next((d for d in detections if shift < d <= end), None)
+        if first is not None:
+            delays.append(first - shift)
+    out = {
+        "detections": float(len(detections)),
+        "shifts_detected": float(len(delays)),
+        "false_alarms_per_10k": (len(detections) - len(delays)) / max(1, tokens) * 1e4,
+    }
+    if delays:
+        out["detection_delay"] = _mean([float(d) for d in delays])
+    return out

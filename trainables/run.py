@@ -27,9 +27,11 @@ from adaptune.trainables.checkpoint import (
     save_checkpoint,
 )
 from adaptune.trainables.components import (
+    ARTIFACTS_DIR,
     Component,
     TaskContext,
     build_components,
+    component_metrics,
     load_states,
     states,
 )
@@ -86,6 +88,10 @@ def prepare(cfg: RunConfig) -> Prepared:
             f"run.stream.block_size: must be <= {where} ({limit}) (got {cfg.stream.block_size})"
         )
     tasks = build_stream(cfg.stream, tokenizer)
+    if cfg.stream.mode == "online":
+        from adaptune.trainables.online import check_online  # it imports this module
+
+        check_online(cfg, tasks)
     base = None
     if cfg.model.pretrain is not None:
         base = build_task(
@@ -170,7 +176,7 @@ def base_model(prep: Prepared, device: torch.device) -> nn.Module:
     return pretrained_model(prep, device)
 
 
-def run_stream(
+def run_stream(  # noqa: C901 - the task loop plus the online dispatch
     prep: Prepared,
     *,
     report: Reporter,
@@ -193,6 +199,12 @@ def run_stream(
     Raises:
         TrainingDivergedError: a NaN or infinite loss, with the task and step.
     """
+    if prep.cfg.stream.mode == "online":  # docs/online.md
+        from adaptune.trainables.online import run_online
+
+        return run_online(
+            prep, report=report, resume_from=resume_from, stop_after=stop_after, threads=threads
+        )
     cfg, tasks = prep.cfg, prep.tasks
     torch.set_num_threads(cfg.hardware.threads or threads or os.cpu_count() or 1)
     device = pick_device(cfg)
@@ -263,7 +275,7 @@ def run_stream(
             "after_task_time_s": t2 - t1,
             "eval_time_s": t3 - t2,
             "steps": steps,
-        } | cost.measure(model)
+        } | cost.measure(model) | component_metrics(comps)
         with tempfile.TemporaryDirectory(prefix="adaptune-ckpt-") as tmp:
             report(metrics, _checkpoint(Path(tmp), prep, model, opt, comps, gen, progress))
     return progress
@@ -282,6 +294,7 @@ def _task_context(
         n_tasks=len(prep.tasks),
         batch_size=cfg.optim.batch_size,
         pretrained=cfg.model.name != TINY or cfg.model.pretrain is not None,
+        tokenizer=prep.tokenizer,
     )
 
 
@@ -320,7 +333,11 @@ def _optimizer(
     """AdamW over the trainable parameters, in the model's order (a checkpoint's optimizer
     state maps onto them by position)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return params, torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    # fused: one pass over each tensor instead of one per arithmetic step (CPU and CUDA)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return params, torch.optim.AdamW(
+        params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=fused
+    )
 
 
 def _task_boundary(
@@ -369,9 +386,14 @@ def _checkpoint(
     state = states(comps)
     state["rng.torch"] = torch.get_rng_state()
     state["rng.data"] = gen.get_state()
-    return save_checkpoint(
+    save_checkpoint(
         path, model=model, tokenizer=prep.tokenizer, optimizer=opt, state=state, progress=progress
     )
+    for name, comp in comps.items():  # texts about the task; a resume does not read them
+        for file, text in comp.artifacts().items():
+            (path / ARTIFACTS_DIR / name).mkdir(parents=True, exist_ok=True)
+            (path / ARTIFACTS_DIR / name / file).write_text(text, encoding="utf-8")
+    return path
 
 
 def _evaluate_row(

@@ -10,14 +10,24 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from adaptune.trainables.checkpoint import split_state
-from adaptune.trainables.components.base import Component, TaskContext
+from adaptune.trainables.components.base import ARTIFACTS_DIR, Component, TaskContext
 from adaptune.trainables.components.distill import Distillation
 from adaptune.trainables.components.ewc import EWC
 from adaptune.trainables.components.replay import Replay
+from adaptune.trainables.components.self_replay import SelfReplay
 from adaptune.trainables.config import ComponentsConfig
 from torch import Tensor
 
-__all__ = ["REGISTRY", "Component", "TaskContext", "build_components", "load_states", "states"]
+__all__ = [
+    "ARTIFACTS_DIR",
+    "REGISTRY",
+    "Component",
+    "TaskContext",
+    "build_components",
+    "component_metrics",
+    "load_states",
+    "states",
+]
 
 # (class built from its config, whether that config switches it on)
 Registration = tuple[Callable[[Any], Component], Callable[[Any], bool]]
@@ -25,8 +35,12 @@ Registration = tuple[Callable[[Any], Component], Callable[[Any], bool]]
 # name (= its field of ComponentsConfig and its checkpoint key prefix) -> registration.
 # The order is the order of every hook call, and it matters: replay's rows go into the batch
 # the penalties see, and replay's reservoir draws from the generator before EWC's Fisher subset.
+# Self-replay comes right after replay: the components that add rows come first, so a batch is
+# [current rows, replayed rows, self-generated rows] and the penalties (EWC, distillation) see
+# all of them; adding it last among the row suppliers leaves replay's draws where they were.
 REGISTRY: dict[str, Registration] = {
     "replay": (Replay, lambda c: c.buffer_size > 0),
+    "self_replay": (SelfReplay, lambda c: c.self_fraction > 0),
     "ewc": (EWC, lambda c: c.ewc_lambda > 0),
     "distill": (Distillation, lambda c: c.distill_alpha > 0),
 }
@@ -49,6 +63,11 @@ def states(components: Mapping[str, Component]) -> dict[str, Tensor]:
         for name, comp in components.items()
         for key, value in comp.state_dict().items()
     }
+
+
+def component_metrics(components: Mapping[str, Component]) -> dict[str, float]:
+    """Every component's numbers about the task just trained, for the task's report."""
+    return {k: v for comp in components.values() for k, v in comp.metrics().items()}
 
 
 def load_states(components: Mapping[str, Component], state: dict[str, Tensor]) -> None:

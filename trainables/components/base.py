@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,11 +26,16 @@ class TaskContext:
     n_tasks: int
     batch_size: int  # B: rows of every training batch, the components' rows included
     pretrained: bool  # the stream starts from a model that was trained before (not a fresh init)
+    tokenizer: Any = None  # the run's tokenizer (special ids, decoding); None: unknown
 
     @property
     def knows_something(self) -> bool:
         """The model has learnt something worth keeping before this task."""
         return self.pretrained or self.k > 1
+
+
+# a checkpoint's folder of component texts (Component.artifacts); search.records reads it
+ARTIFACTS_DIR = "artifacts"
 
 
 class Component:
@@ -43,6 +49,8 @@ class Component:
             batch = compose(batch, ctx)   # (B - Σ rows, T) current rows -> ... -> (B, T)
             loss += penalty(ctx, batch, logits) or nothing
         after_task(ctx)                   # Fisher + anchor, buffer update
+        metrics()                         # its numbers, merged into the task's report
+        artifacts()                       # its texts, written into the task's checkpoint
 
     and saves ``state_dict()`` in every checkpoint under ``"<name>.<key>"``. Hooks return
     values and keep their own state; they change neither the context nor each other.
@@ -85,6 +93,16 @@ class Component:
 
     def after_task(self, ctx: TaskContext) -> None:
         """Update the state after training on task ``ctx.k``, before evaluation."""
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers about the task just trained, added to its report (names unique to the
+        component, e.g. prefixed by it)."""
+        return {}
+
+    def artifacts(self) -> dict[str, str]:
+        """Texts about the task just trained, file name -> text; the checkpoint holds them as
+        ``<ARTIFACTS_DIR>/<component name>/<file name>`` and the trackers log them to MLflow."""
+        return {}
 
     def state_dict(self) -> dict[str, Tensor]:
         """Everything an exact resume needs, as tensors."""

@@ -1,4 +1,9 @@
-"""Experience replay: a reservoir-sampled buffer of past blocks mixed into every batch."""
+"""Experience replay: a buffer of past blocks mixed into every batch.
+
+Two buffers keep ``buffer_size`` blocks: a reservoir (a uniform sample of every block offered so
+far, old and new alike) and a sliding window (the latest blocks, first in first out: what an
+online stream rehearses when only the recent past matters).
+"""
 
 from __future__ import annotations
 
@@ -59,12 +64,30 @@ class ReservoirBuffer:
         self.blocks = state.get("blocks")
 
 
+class WindowBuffer(ReservoirBuffer):
+    """The latest ``capacity`` blocks offered, oldest first; draws nothing from the generator
+    when it adds (sampling still does)."""
+
+    def add(self, blocks: Tensor, generator: torch.Generator) -> None:
+        """Append every row of ``blocks`` (N, block_size), dropping the oldest beyond capacity."""
+        self.seen += int(blocks.shape[0])
+        if self.capacity == 0:
+            return
+        new = blocks.to(torch.int32)
+        kept = new if self.blocks is None else torch.cat([self.blocks, new])
+        self.blocks = kept[-self.capacity :].clone()
+
+
+BUFFERS: dict[str, type[ReservoirBuffer]] = {"reservoir": ReservoirBuffer, "window": WindowBuffer}
+
+
 class Replay(Component):
-    """Mixes ``replay_fraction`` of each batch from the buffer; offers it each task's blocks."""
+    """Mixes ``replay_fraction`` of each batch from the buffer; offers it each task's blocks
+    (in online mode: each update's chunk)."""
 
     def __init__(self, cfg: ReplayConfig) -> None:
         self.replay_fraction = cfg.replay_fraction
-        self.buffer = ReservoirBuffer(cfg.buffer_size)
+        self.buffer = BUFFERS[cfg.buffer_kind](cfg.buffer_size)
 
     def rows(self, ctx: TaskContext) -> int:
         """Blocks of each batch that come from the buffer (0 while it is empty); at least one
