@@ -21,8 +21,10 @@ TINY = "tiny-gpt"
 
 def next_token_loss(logits: Tensor, blocks: Tensor) -> Tensor:
     """Mean next-token cross-entropy (nats/token): logits (B, T, V), blocks (B, T)."""
-    vocab = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), blocks[:, 1:].reshape(-1))
+    # The targets are shifted, not the logits: slicing the (B, T, V) logits would copy them,
+    # and its gradient would be another tensor as large. The last position predicts nothing.
+    targets = F.pad(blocks[:, 1:], (0, 1), value=-100)  # (B, T)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 def _quiet_transformers() -> None:
