@@ -26,7 +26,6 @@ trains after this update.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -47,9 +46,8 @@ from adaptune.trainables.config import RunConfig, StreamConfig
 from adaptune.trainables.cost import CostMeter
 from adaptune.trainables.data import TaskData
 from adaptune.trainables.drift import DriftDetector, check_river
-from adaptune.trainables.errors import ConfigError, TrainingDivergedError
+from adaptune.trainables.errors import ConfigError
 from adaptune.trainables.metrics import drift_metrics, prequential_metrics
-from adaptune.trainables.model import next_token_loss
 from adaptune.trainables.run import (
     Prepared,
     Reporter,
@@ -65,6 +63,7 @@ from adaptune.trainables.run import (
     _task_metrics,
     evaluate,
     pick_device,
+    train_step,
 )
 from torch import nn
 
@@ -300,27 +299,11 @@ def _update(
     tokens, loss_sum = 0, 0.0
     for step in range(steps):
         batch = blocks[order[step * n_cur : (step + 1) * n_cur]]
-        for comp in comps.values():
-            batch = comp.compose(batch, ctx)
-        batch = batch.to(ctx.device, non_blocking=True)  # (B, T)
-        with autocast:
-            logits = model(input_ids=batch).logits  # (B, T, V)
-            ce = next_token_loss(logits, batch)
-            terms = [comp.penalty(ctx, batch, logits) for comp in comps.values()]
-            loss = sum((t for t in terms if t is not None), ce)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingDivergedError(
-                f"non-finite loss {value} at chunk {ctx.k}/{ctx.n_tasks}, step {step + 1}/{steps}"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
+        n, ce = train_step(cfg, model, params, opt, comps, ctx, batch, autocast,
+                           f"chunk {ctx.k}/{ctx.n_tasks}, step {step + 1}/{steps}")
         sched.step()
-        tokens += batch.numel()
-        loss_sum += float(ce.detach())
+        tokens += n
+        loss_sum += ce
     for comp in comps.values():
         comp.after_task(ctx)
     return tokens, steps, loss_sum

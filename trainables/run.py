@@ -234,27 +234,11 @@ def run_stream(  # noqa: C901 - the task loop plus the online dispatch
         tokens, loss_sum = 0, 0.0
         for step in range(steps):
             batch = task.train[order[step * n_cur : (step + 1) * n_cur]]
-            for comp in comps.values():
-                batch = comp.compose(batch, ctx)
-            batch = batch.to(device, non_blocking=True)  # (B, T)
-            with autocast:
-                logits = model(input_ids=batch).logits  # (B, T, V)
-                ce = next_token_loss(logits, batch)
-                terms = [comp.penalty(ctx, batch, logits) for comp in comps.values()]
-                loss = sum((t for t in terms if t is not None), ce)  # ce + t1 + t2 + ...
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingDivergedError(
-                    f"non-finite loss {value} at task {k} ({task.name!r}), step {step + 1}/{steps}"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            opt.step()
+            n, ce = train_step(cfg, model, params, opt, comps, ctx, batch, autocast,
+                               f"task {k} ({task.name!r}), step {step + 1}/{steps}")
             sched.step()
-            tokens += batch.numel()
-            loss_sum += float(ce.detach())
+            tokens += n
+            loss_sum += ce
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
@@ -279,6 +263,45 @@ def run_stream(  # noqa: C901 - the task loop plus the online dispatch
         with tempfile.TemporaryDirectory(prefix="adaptune-ckpt-") as tmp:
             report(metrics, _checkpoint(Path(tmp), prep, model, opt, comps, gen, progress))
     return progress
+
+
+def train_step(
+    cfg: RunConfig,
+    model: nn.Module,
+    params: list[nn.Parameter],
+    opt: torch.optim.Optimizer,
+    comps: dict[str, Component],
+    ctx: TaskContext,
+    batch: Tensor,
+    autocast: AbstractContextManager[Any],
+    where: str,
+) -> tuple[int, float]:
+    """One optimizer step (the scheduler is the caller's) on ``batch``, the current rows on the
+    CPU, with every component's rows and penalty: the step of a task and of an online update.
+
+    Returns:
+        The tokens trained (the components' rows included) and the cross-entropy.
+
+    Raises:
+        TrainingDivergedError: a NaN or infinite loss, saying ``where``.
+    """
+    for comp in comps.values():
+        batch = comp.compose(batch, ctx)
+    batch = batch.to(ctx.device, non_blocking=True)  # (B, T)
+    with autocast:
+        logits = model(input_ids=batch).logits  # (B, T, V)
+        ce = next_token_loss(logits, batch)
+        terms = [comp.penalty(ctx, batch, logits) for comp in comps.values()]
+        loss = sum((t for t in terms if t is not None), ce)  # ce + t1 + t2 + ...
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise TrainingDivergedError(f"non-finite loss {value} at {where}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+    opt.step()
+    return batch.numel(), float(ce.detach())
 
 
 def _task_context(
