@@ -52,10 +52,8 @@ from adaptune.trainables.run import (
     Prepared,
     Reporter,
     _autocast,
-    _batch_order,
     _checkpoint,
     _evaluate_row,
-    _lr_lambda,
     _optimizer,
     _restore,
     _start,
@@ -63,7 +61,7 @@ from adaptune.trainables.run import (
     _task_metrics,
     evaluate,
     pick_device,
-    train_step,
+    train_blocks,
 )
 from torch import nn
 
@@ -290,20 +288,9 @@ def _update(
 ) -> tuple[int, int, float]:
     """Train on one chunk (``ctx.train_blocks``) with every component's hooks; returns the
     tokens trained (replayed rows included), the steps and the sum of their cross-entropies."""
-    for comp in comps.values():
-        comp.before_task(ctx)
-    n_cur = cfg.optim.batch_size - sum(comp.rows(ctx) for comp in comps.values())
-    blocks = ctx.train_blocks
-    steps, order = _batch_order(cfg, blocks.shape[0], n_cur, ctx.generator)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
-    tokens, loss_sum = 0, 0.0
-    for step in range(steps):
-        batch = blocks[order[step * n_cur : (step + 1) * n_cur]]
-        n, ce = train_step(cfg, model, params, opt, comps, ctx, batch, autocast,
-                           f"chunk {ctx.k}/{ctx.n_tasks}, step {step + 1}/{steps}")
-        sched.step()
-        tokens += n
-        loss_sum += ce
+    tokens, steps, loss_sum = train_blocks(
+        cfg, model, params, opt, comps, ctx, autocast, f"chunk {ctx.k}/{ctx.n_tasks}"
+    )
     for comp in comps.values():
         comp.after_task(ctx)
     return tokens, steps, loss_sum

@@ -224,21 +224,10 @@ def run_stream(  # noqa: C901 - the task loop plus the online dispatch
     for k in range(progress.tasks_done + 1, last + 1):  # k: 1-based task index
         task = tasks[k - 1]
         ctx = _task_context(prep, model, gen, device, k)  # what every component hook sees
-        for comp in comps.values():
-            comp.before_task(ctx)
-        n_cur = cfg.optim.batch_size - sum(comp.rows(ctx) for comp in comps.values())
-        steps, order = _batch_order(cfg, task.train.shape[0], n_cur, gen)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
-
         t0 = time.perf_counter()
-        tokens, loss_sum = 0, 0.0
-        for step in range(steps):
-            batch = task.train[order[step * n_cur : (step + 1) * n_cur]]
-            n, ce = train_step(cfg, model, params, opt, comps, ctx, batch, autocast,
-                               f"task {k} ({task.name!r}), step {step + 1}/{steps}")
-            sched.step()
-            tokens += n
-            loss_sum += ce
+        tokens, steps, loss_sum = train_blocks(
+            cfg, model, params, opt, comps, ctx, autocast, f"task {k} ({task.name!r})"
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
@@ -265,7 +254,48 @@ def run_stream(  # noqa: C901 - the task loop plus the online dispatch
     return progress
 
 
-def train_step(
+def train_blocks(
+    cfg: RunConfig,
+    model: nn.Module,
+    params: list[nn.Parameter],
+    opt: torch.optim.Optimizer,
+    comps: dict[str, Component],
+    ctx: TaskContext,
+    autocast: AbstractContextManager[Any],
+    where: str,
+) -> tuple[int, int, float]:
+    """Train on ``ctx.train_blocks`` (a task, or an online update's chunk): the components'
+    ``before_task``, then ``epochs`` passes in a drawn order with a fresh per-task learning-rate
+    schedule, each step with the components' rows and penalties. ``after_task`` is the caller's.
+
+    Args:
+        where: what is being trained (``task 2 ('code')``), for the divergence error.
+
+    Returns:
+        The tokens trained (the components' rows included), the steps, and the sum of the
+        steps' cross-entropies.
+
+    Raises:
+        TrainingDivergedError: a NaN or infinite loss, with ``where`` and the step.
+    """
+    for comp in comps.values():
+        comp.before_task(ctx)
+    n_cur = cfg.optim.batch_size - sum(comp.rows(ctx) for comp in comps.values())
+    blocks = ctx.train_blocks
+    steps, order = _batch_order(cfg, blocks.shape[0], n_cur, ctx.generator)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
+    tokens, loss_sum = 0, 0.0
+    for step in range(steps):
+        batch = blocks[order[step * n_cur : (step + 1) * n_cur]]
+        n, ce = _train_step(cfg, model, params, opt, comps, ctx, batch, autocast,
+                            f"{where}, step {step + 1}/{steps}")
+        sched.step()
+        tokens += n
+        loss_sum += ce
+    return tokens, steps, loss_sum
+
+
+def _train_step(
     cfg: RunConfig,
     model: nn.Module,
     params: list[nn.Parameter],
@@ -277,14 +307,7 @@ def train_step(
     where: str,
 ) -> tuple[int, float]:
     """One optimizer step (the scheduler is the caller's) on ``batch``, the current rows on the
-    CPU, with every component's rows and penalty: the step of a task and of an online update.
-
-    Returns:
-        The tokens trained (the components' rows included) and the cross-entropy.
-
-    Raises:
-        TrainingDivergedError: a NaN or infinite loss, saying ``where``.
-    """
+    CPU, with every component's rows and penalty; returns the tokens and the cross-entropy."""
     for comp in comps.values():
         batch = comp.compose(batch, ctx)
     batch = batch.to(ctx.device, non_blocking=True)  # (B, T)
