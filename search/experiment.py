@@ -39,18 +39,44 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class PBTConfig(_Strict):
+    """Population Based Training at task boundaries (``search.algorithm: pbt`` or ``pb2``)."""
+
+    perturbation_interval: int = Field(1, ge=1)  # tasks between two exploit/explore rounds
+    # the bottom fraction of the population copies a trial of the top fraction
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    # pbt: chance that a mutated value is drawn afresh from the space instead of perturbed
+    resample_probability: float = Field(0.25, ge=0, le=1)
+    # the hyperparameters PBT may change mid-stream; default: every searched one that can
+    mutate: list[str] | None = None
+
+
+Objective = Literal["min", "max"]
+
+
 class SearchConfig(_Strict):
-    num_samples: int = Field(12, ge=1)  # trials to run
+    num_samples: int = Field(12, ge=1)  # trials to run (pbt: the population)
     max_concurrent: int = Field(2, ge=1)  # trials at once
-    seed: int = 0  # TPE's seed
-    algorithm: Literal["tpe", "random"] = "tpe"
+    seed: int = 0  # the searcher's seed
+    algorithm: Literal["tpe", "random", "pbt", "pb2"] = "tpe"
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(1, ge=1)  # tasks before ASHA may stop a trial
     reduction_factor: float = Field(2.0, gt=1)
     time_budget_s: float | None = Field(None, gt=0)
-    metric: str = "stream_loss"  # the objective, a metric the trainable reports
+    # the objective, a metric the trainable reports; a list: a multi-objective search
+    metric: str | list[str] = "stream_loss"
     # default: the metric's better direction; a search refuses a mode against it
-    mode: Literal["min", "max"] = "min"
+    mode: Objective | list[Objective] = "min"
+    # multi-objective: the metric ASHA stops trials on (default: the first of `metric`)
+    prune_metric: str | None = None
+    # the champion among the trials that ran every task, e.g.
+    # "min new_task_loss where forgetting <= 0.1"; default: the best `metric` (the first)
+    select: str | None = None
+    # an earlier search (its name or its MLflow parent run id) whose finished trials inside
+    # this space seed the study; warm_start_enqueue: its best k configurations run first
+    warm_start: str | None = None
+    warm_start_enqueue: int = Field(0, ge=0)
+    pbt: PBTConfig = PBTConfig()
     # Ray retries a failed trial from its last checkpoint this many times. Ray counts every
     # failure, so a divergence fails again on each retry (resumed with the same RNG state; it
     # costs at most one task); no -1 (Ray's "forever"), which would loop on such a trial.
@@ -59,14 +85,49 @@ class SearchConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _mode_from_metric(cls, data: Any) -> Any:
-        """An absent ``mode`` is the metric's better direction (``bwt``: max). An unknown
-        metric keeps the default; the search refuses the metric itself."""
+        """An absent ``mode`` is the metric's better direction (``bwt``: max), per metric for
+        a list. An unknown metric keeps the default; the search refuses the metric itself.
+        A one-item list is that metric (a single-objective search)."""
+        if isinstance(data, dict):
+            data = {
+                k: v[0] if k in ("metric", "mode") and isinstance(v, list) and len(v) == 1 else v
+                for k, v in data.items()
+            }
         if isinstance(data, dict) and data.get("mode") is None:
             metric = data.get("metric", cls.model_fields["metric"].default)
-            better = direction(metric) if isinstance(metric, str) else None
-            if better is not None:
-                data = {**data, "mode": better}
+            if isinstance(metric, str):
+                better = direction(metric)
+                if better is not None:
+                    data = {**data, "mode": better}
+            elif isinstance(metric, list):
+                modes = [direction(m) if isinstance(m, str) else None for m in metric]
+                data = {**data, "mode": [m or "min" for m in modes]}
         return data
+
+    @property
+    def metrics(self) -> list[str]:
+        """Every objective, in order (one for a single-objective search)."""
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def modes(self) -> list[str]:
+        """Each objective's mode, in the order of :attr:`metrics`."""
+        return [self.mode] if isinstance(self.mode, str) else list(self.mode)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metrics) > 1
+
+    @property
+    def primary_metric(self) -> str:
+        """The one metric a scheduler (ASHA, PBT) and the summary's order follow."""
+        return self.prune_metric or self.metrics[0]
+
+    @property
+    def primary_mode(self) -> str:
+        metrics = self.metrics
+        m = self.primary_metric
+        return self.modes[metrics.index(m)] if m in metrics else self.modes[0]
 
 
 class ResourcesConfig(_Strict):
