@@ -9,7 +9,8 @@ Layout of one checkpoint directory::
     merged/<k>/          LoRA with lora_merge_each_task: the adapter merged after task k
     state.safetensors    component state (replay buffer, EWC precision/anchor) and RNG states
     optimizer.pt         AdamW state, read back with ``torch.load(weights_only=True)``
-    progress.json        tasks done, loss matrix, token counts, the run config
+    progress.json        tasks done, loss matrix, token counts, the run config, the per-task
+                         history of values and trials
     artifacts/<name>/    texts a component wrote about the task (self_replay/samples.txt); a
                          resume does not read them
 
@@ -40,7 +41,10 @@ class Progress:
     # retain domains, per row: one loss per domain (absent from files written without them)
     retain_losses: list[list[float]] = field(default_factory=list)
     trained_tokens: int = 0  # cumulative, replayed tokens included
-    config: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the config of the last task trained
+    # one entry per task trained, {"task": k, "trial": id or None, "hp": {name: value}}
+    # (trainables.schedule); a resumed checkpoint's entries come along: a PBT clone's lineage
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def save_checkpoint(

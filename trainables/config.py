@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from adaptune.trainables.errors import ConfigError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class _Strict(BaseModel):
@@ -274,6 +282,21 @@ class RunConfig(_Strict):
     hardware: HardwareConfig = HardwareConfig()
     update: UpdateConfig = UpdateConfig()
     eval_batch_size: Annotated[int, Field(ge=1)] = 32
+    # per-task values, one per task, of hyperparameters that may change between tasks
+    # ({lr: [1e-3, 5e-4, 2e-4]}; trainables.schedule.MUTABLE); declared last: its check reads
+    # every other field
+    schedule: dict[str, list[Any]] | None = None
+
+    @field_validator("schedule")
+    @classmethod
+    def _check_schedule(
+        cls, value: dict[str, list[Any]] | None, info: ValidationInfo
+    ) -> dict[str, list[Any]] | None:
+        if not value:
+            return None
+        from adaptune.trainables.schedule import check_schedule  # it imports this module
+
+        return check_schedule(info.data, value)
 
     @model_validator(mode="after")
     def _check_self_replay(self) -> RunConfig:

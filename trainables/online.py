@@ -63,6 +63,7 @@ from adaptune.trainables.run import (
     pick_device,
     train_blocks,
 )
+from adaptune.trainables.schedule import history_metrics, record_task
 from torch import nn
 
 STATE_FILE = "online.json"  # in each checkpoint: the scores, updates and detector so far
@@ -188,6 +189,7 @@ def run_online(
     resume_from: Path | None = None,
     stop_after: int | None = None,
     threads: int | None = None,
+    trial_id: str | None = None,
 ) -> Progress:
     """Score, decide and train chunk after chunk; report once per segment.
 
@@ -215,7 +217,7 @@ def run_online(
     chunks = plan_chunks(tasks, cfg.stream.chunk_tokens // cfg.stream.block_size)
     bounds = segment_bounds(chunks, len(tasks))
     if resume_from is not None:
-        _restore(resume_from, comps, opt, gen)
+        _restore(resume_from, cfg, comps, opt, gen)  # cfg's lr wins over the checkpoint's
         state = OnlineState.load(resume_from)
     else:
         _evaluate_row(prep, model, device, progress)  # row 0: before any training
@@ -254,9 +256,11 @@ def run_online(
         eval_s = time.perf_counter() - t0
         progress.tasks_done = k
         progress.trained_tokens += tokens
+        record_task(progress, cfg, k, trial_id)
 
         metrics = (
             _task_metrics(prep, progress, k)
+            | history_metrics(progress, cfg, trial_id)
             | _online_metrics(cfg, state, chunks, bounds, k)
             | {
                 "train_tokens": progress.trained_tokens,

@@ -25,6 +25,7 @@ from adaptune.trainables.checkpoint import (
     load_progress,
     load_state,
     save_checkpoint,
+    split_state,
 )
 from adaptune.trainables.components import (
     ARTIFACTS_DIR,
@@ -32,7 +33,6 @@ from adaptune.trainables.components import (
     TaskContext,
     build_components,
     component_metrics,
-    load_states,
     states,
 )
 from adaptune.trainables.config import RunConfig
@@ -49,6 +49,13 @@ from adaptune.trainables.model import (
     load_tokenizer,
     next_token_loss,
     pretrain_dir,
+)
+from adaptune.trainables.schedule import (
+    carry_components,
+    config_for_task,
+    history_metrics,
+    record_task,
+    set_optimizer_values,
 )
 from adaptune.trainables.update import (
     apply_update,
@@ -183,6 +190,7 @@ def run_stream(  # noqa: C901 - the task loop plus the online dispatch
     resume_from: Path | None = None,
     stop_after: int | None = None,
     threads: int | None = None,
+    trial_id: str | None = None,
 ) -> Progress:
     """Train through the stream, evaluating every task after each one.
 
@@ -192,9 +200,10 @@ def run_stream(  # noqa: C901 - the task loop plus the online dispatch
         resume_from: a checkpoint directory written by an earlier call.
         stop_after: stop once this many tasks are done (for tests and partial runs).
         threads: torch CPU threads (``hardware.threads`` wins when set).
+        trial_id: the Ray Tune trial running this, for the history (``lineage``).
 
     Returns:
-        The final progress: loss matrix and token counts.
+        The final progress: loss matrix, token counts, the per-task history.
 
     Raises:
         TrainingDivergedError: a NaN or infinite loss, with the task and step.
@@ -202,9 +211,8 @@ def run_stream(  # noqa: C901 - the task loop plus the online dispatch
     if prep.cfg.stream.mode == "online":  # docs/online.md
         from adaptune.trainables.online import run_online
 
-        return run_online(
-            prep, report=report, resume_from=resume_from, stop_after=stop_after, threads=threads
-        )
+        return run_online(prep, report=report, resume_from=resume_from,
+                          stop_after=stop_after, threads=threads, trial_id=trial_id)
     cfg, tasks = prep.cfg, prep.tasks
     torch.set_num_threads(cfg.hardware.threads or threads or os.cpu_count() or 1)
     device = pick_device(cfg)
@@ -212,21 +220,25 @@ def run_stream(  # noqa: C901 - the task loop plus the online dispatch
     autocast = _autocast(cfg, device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # batch order and every component's draws
-    comps = build_components(cfg.components)  # the active ones, in registry order
     model, progress = _start(prep, device, resume_from)
-    params, opt = _optimizer(cfg, model)
+    now = config_for_task(cfg, min(progress.tasks_done + 1, len(tasks)))  # the next task's
+    comps = build_components(now.components)  # the active ones, in registry order
+    params, opt = _optimizer(now, model)
     if resume_from is not None:
-        _restore(resume_from, comps, opt, gen)
+        _restore(resume_from, now, comps, opt, gen)
     else:
         _evaluate_row(prep, model, device, progress)  # row 0: before any training
 
     last = len(tasks) if stop_after is None else min(len(tasks), stop_after)
     for k in range(progress.tasks_done + 1, last + 1):  # k: 1-based task index
         task = tasks[k - 1]
-        ctx = _task_context(prep, model, gen, device, k)  # what every component hook sees
+        before, now = now, config_for_task(cfg, k)  # the schedule's values for this task
+        set_optimizer_values(opt, now)
+        comps = carry_components(comps, before, now)
+        ctx = _task_context(prep, model, gen, device, k, now)  # what every component hook sees
         t0 = time.perf_counter()
         tokens, steps, loss_sum = train_blocks(
-            cfg, model, params, opt, comps, ctx, autocast, f"task {k} ({task.name!r})"
+            now, model, params, opt, comps, ctx, autocast, f"task {k} ({task.name!r})"
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -239,8 +251,9 @@ def run_stream(  # noqa: C901 - the task loop plus the online dispatch
         t3 = time.perf_counter()
         progress.tasks_done = k
         progress.trained_tokens += tokens
+        record_task(progress, now, k, trial_id)
 
-        metrics = _task_metrics(prep, progress, k) | {
+        metrics = _task_metrics(prep, progress, k) | history_metrics(progress, now, trial_id) | {
             "train_loss": loss_sum / steps,
             "train_tokens": progress.trained_tokens,
             "train_tokens_per_s": tokens / (t1 - t0),
@@ -328,9 +341,15 @@ def _train_step(
 
 
 def _task_context(
-    prep: Prepared, model: nn.Module, gen: torch.Generator, device: torch.device, k: int
+    prep: Prepared,
+    model: nn.Module,
+    gen: torch.Generator,
+    device: torch.device,
+    k: int,
+    cfg: RunConfig | None = None,
 ) -> TaskContext:
-    cfg = prep.cfg
+    """What the hooks of task ``k`` see; ``cfg``: the task's config (the run's by default)."""
+    cfg = prep.cfg if cfg is None else cfg
     return TaskContext(
         model=model,
         train_blocks=prep.tasks[k - 1].train,
@@ -407,14 +426,21 @@ def _task_boundary(
 
 def _restore(
     path: Path,
+    cfg: RunConfig,
     comps: dict[str, Component],
     opt: torch.optim.Optimizer,
     gen: torch.Generator,
 ) -> None:
-    """Components, optimizer and both RNGs as the checkpoint at ``path`` left them."""
+    """Components, optimizer and both RNGs as the checkpoint at ``path`` left them, with
+    ``cfg``'s settings: the checkpoint may come from another trial (a PBT exploit) or an
+    earlier task of a schedule, and its optimizer state carries that run's lr."""
     state = load_state(path)
-    load_states(comps, state)
-    opt.load_state_dict(load_optimizer_state(path))
+    for name, comp in comps.items():
+        part = split_state(state, name)
+        if part:  # one that was off when the checkpoint was written starts afresh
+            comp.load_state_dict(part)
+    opt.load_state_dict(load_optimizer_state(path))  # puts back the writer's lr, weight_decay
+    set_optimizer_values(opt, cfg)  # so the current config's are written over them
     torch.set_rng_state(state["rng.torch"])
     gen.set_state(state["rng.data"])
 

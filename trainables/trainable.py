@@ -73,12 +73,16 @@ def continual_trainable(config: dict[str, Any]) -> None:
         )
 
     checkpoint = tune.get_checkpoint()
+    # a PBT exploit hands this trial another trial's checkpoint: the history records who
+    # trained which task (the `lineage` each report carries)
+    trial_id, threads = tune.get_context().get_trial_id(), max(1, int(cpus))
     try:
         if checkpoint is None:
-            run_stream(prep, report=report, threads=max(1, int(cpus)))
+            run_stream(prep, report=report, threads=threads, trial_id=trial_id)
             return
         with checkpoint.as_directory() as path:
-            run_stream(prep, report=report, resume_from=Path(path), threads=max(1, int(cpus)))
+            run_stream(prep, report=report, resume_from=Path(path), threads=threads,
+                       trial_id=trial_id)
     except BaseException as err:  # its traceback's frames would keep the model alive
         traceback.clear_frames(err.__traceback__)
         raise
