@@ -59,7 +59,8 @@ class RunResult:
 class SearchResult:
     """One finished (or interrupted) search."""
 
-    rows: list[dict[str, Any]]  # one per trial, best first: trial_id, <metric>, tasks_done, ...
+    # one per trial, best first: trial_id, <metric> (each, then pareto), tasks_done, ...
+    rows: list[dict[str, Any]]
     model_uri: str | None  # ``models:/NAME@champion``; None when no trial ran every task
     parent_run_id: str
     tracking_uri: str
@@ -319,12 +320,16 @@ def search(
     exp, source = resolve_experiment(experiment, overrides, search_name=name)
     with _naming(source), _quiet_logs(quiet):
         summary = run_search(exp, address=address, resume=resume, quiet=quiet)
-    metric = exp.search.metric
-    rows = [
-        {"trial_id": r.trial_id, metric: r.value, "tasks_done": r.tasks_done,
-         "status": r.status, **r.params}
-        for r in summary.rows
-    ]
+    s, rows = exp.search, []
+    for r in summary.rows:
+        # a multi-objective search: each objective's final value, and whether on the front
+        values = (
+            {**{m: r.metrics.get(m) for m in s.metrics}, "pareto": r.pareto}
+            if s.multi_objective
+            else {s.primary_metric: r.value}
+        )
+        rows.append({"trial_id": r.trial_id, **values, "tasks_done": r.tasks_done,
+                     "status": r.status, **r.params})
     return SearchResult(
         rows=rows,
         model_uri=summary.model_uri,

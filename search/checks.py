@@ -10,9 +10,12 @@ from typing import Any
 
 from adaptune.search.experiment import Experiment, experiment_yaml
 from adaptune.search.locations import search_location
+from adaptune.search.pbt import is_population, population_problems
 from adaptune.search.records import experiment_hash
 from adaptune.search.resume import check_search_dir, inspect_search_dir
+from adaptune.search.select import check_rule, parse_rule
 from adaptune.search.stores import check_tracking_server
+from adaptune.search.warm import warm_start_problems
 from adaptune.spaces import Dist
 from adaptune.spaces.paths import set_hp
 from adaptune.trainables.config import RunConfig, format_validation_error
@@ -65,16 +68,19 @@ def search_problems(exp: Experiment) -> list[str]:
             check(exp)
         except ConfigError as err:
             problems.extend(str(err).splitlines())
-    if s.scheduler == "asha" and s.grace_period > T:
+    if s.scheduler == "asha" and not is_population(exp) and s.grace_period > T:
         problems.append(
             f"search.grace_period: must be <= the number of tasks ({T}), ASHA's max_t "
             f"(got {s.grace_period})"
         )
-    if not any(isinstance(v, Dist) for v in exp.space.values()):
+    if is_population(exp):  # what PBT/PB2 need, an empty space included (search/pbt.py)
+        problems += population_problems(exp)
+    elif not any(isinstance(v, Dist) for v in exp.space.values()):
         problems.append(
             "space: nothing to search; give at least one distribution "
             "(loguniform, uniform, int, choice) or use `adaptune train`"
         )
+    problems += warm_start_problems(exp)  # the settings; the earlier search is read later
     return problems
 
 
@@ -92,32 +98,91 @@ def check_search_folder(exp: Experiment, *, resume: bool = False) -> None:
     )
 
 
+def selectable_metrics(exp: Experiment) -> dict[str, Direction]:
+    """Metrics a multi-objective list or a selection rule may name, with their better
+    direction: the objectives, and ``forgetting``, which is 0 after task 1 and so never an
+    objective alone, but a fair second objective or constraint."""
+    return {**objective_metrics(exp), "forgetting": "min"}
+
+
 def check_objective(exp: Experiment) -> None:
-    """``search.metric`` must be an objective the trainable reports, ``search.mode`` its
-    better direction.
+    """``search.metric`` must be an objective the trainable reports (a list: each one, once),
+    ``search.mode`` its better direction (a list: one per metric), ``search.prune_metric`` one
+    of them that a scheduler can stop trials on, ``search.select`` a rule that parses and
+    names metrics the trainable reports (:mod:`search.select`).
 
     Raises:
-        ConfigError: one line: the valid metrics (with a near match), or the mode that fits.
+        ConfigError: one line per problem: the valid metrics (with a near match), the mode
+            that fits, or the rule's grammar.
     """
     s = exp.search
-    allowed = objective_metrics(exp)
-    if s.metric not in allowed:
-        near = difflib.get_close_matches(s.metric, list(allowed), n=1)
-        if s.metric.startswith("forgetting"):
-            hint = " (it is 0 after task 1; use stream_loss)"
-        else:
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ConfigError(
-            f"search.metric: {s.metric!r} is not an objective the trainable reports{hint}; "
-            f"valid values: {', '.join(allowed)}"
+    problems: list[str] = []
+    if len(s.metrics) != len(s.modes):
+        problems.append(
+            f"search.mode: give one mode per metric of search.metric ({len(s.metrics)} "
+            f"metric(s), got {len(s.modes)} mode(s): {s.mode!r}); leave it out to take each "
+            "metric's better direction"
         )
-    better = allowed[s.metric]
-    if s.mode != better:
-        raise ConfigError(
-            f"search.mode: {s.metric} is better when "
-            f"{'lower' if better == 'min' else 'higher'}, so mode must be {better!r} "
-            f"(got {s.mode!r}; leave it out to take the metric's)"
-        )
+    allowed = selectable_metrics(exp) if s.multi_objective else objective_metrics(exp)
+    for i, metric in enumerate(s.metrics):
+        if metric in s.metrics[:i]:
+            problems.append(f"search.metric: {metric!r} appears twice; name each objective once")
+        elif metric not in allowed:
+            problems.append(_unknown_objective(metric, allowed))
+        elif i < len(s.modes) and s.modes[i] != allowed[metric]:
+            better = allowed[metric]
+            problems.append(
+                f"search.mode: {metric} is better when "
+                f"{'lower' if better == 'min' else 'higher'}, so {'its ' * s.multi_objective}"
+                f"mode must be {better!r} (got {s.modes[i]!r}; leave it out to take the "
+                "metric's)"
+            )
+    problems += _prune_problems(exp) + _select_problems(exp)
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _unknown_objective(metric: str, allowed: dict[str, Direction]) -> str:
+    near = difflib.get_close_matches(metric, list(allowed), n=1)
+    if metric.startswith("forgetting"):
+        hint = " (it is 0 after task 1; use stream_loss, or a list: [new_task_loss, forgetting])"
+    else:
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return (
+        f"search.metric: {metric!r} is not an objective the trainable reports{hint}; "
+        f"valid values: {', '.join(allowed)}"
+    )
+
+
+def _prune_problems(exp: Experiment) -> list[str]:
+    """``search.prune_metric`` must be one of the objectives, and not ``forgetting`` for ASHA
+    (every trial ties at task 1). PBT takes one objective only (:mod:`search.pbt`)."""
+    s = exp.search
+    if s.prune_metric is not None and s.prune_metric not in s.metrics:
+        return [
+            f"search.prune_metric: {s.prune_metric!r} must be one of search.metric "
+            f"({', '.join(s.metrics)})"
+        ]
+    asha = s.scheduler == "asha" and s.algorithm in ("tpe", "random")
+    if asha and s.multi_objective and s.primary_metric == "forgetting":
+        others = [m for m in s.metrics if m != "forgetting"]
+        return [
+            "search.prune_metric: ASHA cannot stop trials on forgetting (0 after task 1, every "
+            f"trial ties there); set search.prune_metric to one of {', '.join(others)} or "
+            "search.scheduler: fifo"
+        ]
+    return []
+
+
+def _select_problems(exp: Experiment) -> list[str]:
+    """``search.select`` must parse and name metrics the trainable reports."""
+    if exp.search.select is None:
+        return []
+    try:
+        check_rule(parse_rule(exp.search.select), selectable_metrics(exp))
+    except ValueError as err:
+        return [f"search.select: {err}"]
+    return []
 
 
 def check_space_bounds(exp: Experiment) -> None:

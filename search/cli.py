@@ -95,6 +95,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from adaptune.search.checks import check_search, check_search_folder
     from adaptune.search.describe import describe_search
     from adaptune.search.experiment import load_experiment, pinned_by_overrides
+    from adaptune.search.select import objective_text, search_rule
     from adaptune.search.summary import format_table
 
     overrides = list(args.set)
@@ -121,16 +122,21 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 130
     shown = summary.rows[: args.top]
     print(f"\nsearch {exp.name}: {len(summary.rows)} trials in {time.perf_counter() - start:.0f}s "
-          f"(best {len(shown)} shown; objective {exp.search.metric}, {exp.search.mode})")
+          f"(best {len(shown)} shown; objective {objective_text(exp.search)}"
+          f"{'; * = on the Pareto front' if exp.search.multi_objective else ''})")
     print(format_table(shown, exp.search.metric))
     for note in summary.notes:
         print(f"note: {note}")
     print(f"\nMLflow:   {summary.tracking_uri}  (parent run {summary.parent_run_id})")
     if summary.model_uri is None:
-        print("adaptune: no trial ran every task; nothing registered", file=sys.stderr)
+        done = any(r.status == "complete" for r in summary.rows)
+        why = f"no trial meets {str(search_rule(exp.search))!r}" if done else (
+            "no trial ran every task")
+        print(f"adaptune: {why}; nothing registered", file=sys.stderr)
         return 1
     print(f"champion: {summary.model_uri} (version {summary.model_version}, "
-          f"trial {summary.best.trial_id if summary.best else '?'})")
+          f"trial {summary.best.trial_id if summary.best else '?'}; "
+          f"{search_rule(exp.search)})")
     lines = [
         (f"adaptune ui {args.experiment}", "the trials in the MLflow UI, best first"),
         (f"adaptune export {exp.name} -o best.yaml", "the winner as a runnable experiment"),

@@ -12,7 +12,10 @@ from adaptune.search.locations import (
     registered_model_name,
     search_location,
 )
+from adaptune.search.pbt import describe_population, is_population
+from adaptune.search.select import objective_text, search_rule
 from adaptune.search.stores import resolve_tracking_uri
+from adaptune.search.warm import describe_warm_start, load_warm_start
 from adaptune.spaces import Dist
 from adaptune.spaces.paths import get_hp
 from adaptune.trainables.config import HYPERPARAMETERS
@@ -69,7 +72,9 @@ def describe_search(exp: Experiment, prep: Any) -> str:
         ]
     if exp.run.stream.mode == "online":
         lines += describe_online(exp.run.stream, prep.tasks, width)
-    lines.append(f"objective:  {s.metric} ({s.mode})")
+    lines.append(f"objective:  {objective_text(s)}" + (
+        ": multi-objective, the Pareto front goes on the parent run" if s.multi_objective else ""
+    ))
     lines.append(f"searched:   {len(searched)} hyperparameters")
     lines += [f"  {n:<{width}}  {_describe_spec(v)}" for n, v in searched.items()]
     lines.append("fixed:      (from `space` where given there, else from `run`)")
@@ -78,17 +83,25 @@ def describe_search(exp: Experiment, prep: Any) -> str:
             continue
         value = exp.space[name] if name in exp.space else get_hp(run, name)
         lines.append(f"  {name:<{width}}  {value!r}")
-    lines.append(f"sampler:    {s.algorithm} (seed {s.seed})")
+    lines.append(_describe_sampler(exp))
+    warm = describe_warm_start(load_warm_start(exp))  # reads the earlier search, writes nothing
+    if warm is not None:
+        lines.append(warm)
     lines.append(_describe_scheduler(exp, T))
+    lines += describe_selection(exp)
     budget = f"{s.time_budget_s:g} s" if s.time_budget_s is not None else "none"
     lines.append(
-        f"trials:     {s.num_samples} ({s.max_concurrent} at once), time budget {budget}, "
+        f"trials:     {s.num_samples} ({_at_once(exp)}), time budget {budget}, "
         f"retries per failed trial {s.max_failures}"
     )
     r = exp.resources
     lines.append(f"resources:  {r.cpus_per_trial:g} CPU, {r.gpus_per_trial:g} GPU per trial")
     lines.append(f"results:    {search_location(exp)} (Ray Tune trials and checkpoints)")
-    lines.append(f"optuna:     {optuna_storage_url(exp)} (study {exp.name!r})")
+    lines.append(
+        f"optuna:     {optuna_storage_url(exp)} (study {exp.name!r})"
+        if not is_population(exp)
+        else f"optuna:     none ({s.algorithm} has no study)"
+    )
     lines.append(
         f"mlflow:     {resolve_tracking_uri(exp.tracking.tracking_uri, create=False)} "
         f"(experiment {exp.tracking.experiment_name or exp.name!r}, "
@@ -140,8 +153,40 @@ def describe_online(stream: Any, tasks: list[Any], width: int = 0) -> list[str]:
     return [*lines, f"policy:     {policy}"]
 
 
+def describe_selection(exp: Experiment) -> list[str]:
+    """What stops trials in a multi-objective search, and the rule the champion is picked by."""
+    s, lines = exp.search, []
+    if s.multi_objective:  # (PBT takes one objective)
+        lines.append(
+            "pruning:    FIFO: every trial runs every task"
+            if s.scheduler == "fifo"
+            else f"pruning:    ASHA stops trials on {s.primary_metric} only"
+        )
+    how = "search.select" if s.select else "the first objective; set search.select to choose"
+    lines.append(
+        f"select:     {search_rule(s)} ({how}): the champion among the trials that ran every task"
+    )
+    return lines
+
+
+def _describe_sampler(exp: Experiment) -> str:
+    s = exp.search
+    if is_population(exp):
+        return describe_population(exp, len(exp.run.stream.tasks))[0]
+    return f"sampler:    {s.algorithm} (seed {s.seed})"
+
+
+def _at_once(exp: Experiment) -> str:
+    # a population exists whole from the start; resources bound how much of it runs together
+    if is_population(exp):
+        return "as many at once as resources allow, the rest wait their turn"
+    return f"{exp.search.max_concurrent} at once"
+
+
 def _describe_scheduler(exp: Experiment, T: int) -> str:
     s = exp.search
+    if is_population(exp):  # PBT/PB2 replace ASHA and FIFO
+        return "\n".join(describe_population(exp, T)[1:])
     if s.scheduler != "asha":
         return f"scheduler:  fifo (every trial runs all {T} tasks)"
     rungs = asha_rungs(s.grace_period, s.reduction_factor, T)

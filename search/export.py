@@ -7,7 +7,8 @@ champion (tag ``adaptune.champion_trial_id``), else its best FINISHED trial by t
 objective. Its searched values are written into ``run`` of the experiment YAML logged on the
 parent run, ``space`` is emptied, and ``run.hardware`` is pinned to the CPU threads (and CPU
 device) the trial ran with, so ``adaptune train best.yaml`` reproduces the trial's losses on the
-same machine.
+same machine. A PBT/PB2 trial's values come from its ``lineage.json`` instead (its params are
+the values it started with), the mutated ones per task as ``run.schedule`` (:mod:`search.pbt`).
 
 Example:
     >>> path, winner = export_best("quickstart", out="best.yaml")  # doctest: +SKIP
@@ -29,6 +30,8 @@ from typing import Any
 
 import yaml
 from adaptune.search.experiment import Experiment, experiment_yaml, parse_experiment
+from adaptune.search.pbt import Lineage, apply_lineage, is_population, read_lineage
+from adaptune.search.select import Rule, checked_rule, pick_trial, search_rule
 from adaptune.search.stores import DEFAULT_TRACKING_URI, check_tracking_server, existing_store
 from adaptune.search.tags import (
     CHAMPION_TAG,
@@ -176,17 +179,20 @@ def _objective(run: Any, metric: str) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def pick_winner(client: Any, parent: Any, exp: Experiment) -> tuple[Any, str]:
-    """The champion trial's child run, else the best FINISHED one by the search's objective.
+def pick_winner(
+    client: Any, parent: Any, exp: Experiment, select: Rule | None = None
+) -> tuple[Any, str]:
+    """The FINISHED trial ``select`` picks (by final metrics); without it the champion's run,
+    else the one the search's rule picks (``search.select`` or its first objective).
 
     Raises:
-        ConfigError: the search has no finished trial with a finite objective.
+        ConfigError: no finished trial with a finite objective, or none meets the rule.
     """
     parent_id = parent.info.run_id
     children = _all_runs(
         client, [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'"
     )
-    metric, mode = exp.search.metric, exp.search.mode
+    metric = exp.search.primary_metric
     finished = [
         r
         for r in children
@@ -194,27 +200,31 @@ def pick_winner(client: Any, parent: Any, exp: Experiment) -> tuple[Any, str]:
     ]
     champion = parent.data.tags.get(CHAMPION_TAG)
     for run in finished:
-        if champion is not None and run.data.tags.get(TRIAL_TAG) == champion:
+        if select is None and champion is not None and run.data.tags.get(TRIAL_TAG) == champion:
             return run, "champion"
     if not finished:
         raise ConfigError(
             f"search run {parent_id} has no FINISHED trial with a {metric} value "
             f"({len(children)} trial(s), none ran every task)"
         )
-    sign = 1.0 if mode == "min" else -1.0
-    best = min(finished, key=lambda r: (sign * (_objective(r, metric) or 0.0), r.info.start_time))
-    how = "best finished trial"
-    if champion is not None:  # tagged, but its run is not a finished one here
+    rule, field = (select, "--select") if select else (search_rule(exp.search), "search.select")
+    runs = {str(r.data.tags.get(TRIAL_TAG, r.info.run_id)): r for r in finished}
+    best = pick_trial({t: dict(r.data.metrics) for t, r in runs.items()}, exp.search, rule, field)
+    selected = select is not None or exp.search.select
+    how = f"selected by {str(rule)!r}" if selected else "best finished trial"
+    if select is None and champion is not None:  # tagged, but its run is not a finished one
         how += f"; champion {champion} has no finished run"
-    return best, how
+    return runs[best], how
 
 
 def resolve(
-    client: Any, *, experiment_name: str | None = None, run_id: str | None = None
+    client: Any, *, experiment_name: str | None = None, run_id: str | None = None,
+    select: Rule | None = None,
 ) -> tuple[Any, Any, Experiment, str]:
     """(parent run, winning child run, the search's experiment, how the winner was chosen).
 
-    ``experiment_name`` may be a search's name, an MLflow experiment's or a run id.
+    ``experiment_name`` may be a search's name, an MLflow experiment's or a run id;
+    ``select`` a rule that picks the winner instead of the champion (:func:`pick_winner`).
     """
     if run_id is None and experiment_name is not None and _RUN_ID.fullmatch(experiment_name):
         from mlflow.exceptions import MlflowException
@@ -227,6 +237,8 @@ def resolve(
         if parent_id is None:
             parent = run
         else:
+            if select is not None:
+                raise ConfigError("--select picks among a search's trials: give the search")
             parent = _get_run(client, parent_id)
             exp = read_experiment(client, parent)
             if run.info.status != "FINISHED":
@@ -243,23 +255,30 @@ def resolve(
     if parent.data.tags.get(KIND_TAG) != KIND_SEARCH:
         raise ConfigError(f"run {parent.info.run_id} is not an adaptune search run")
     exp = read_experiment(client, parent)
-    child, how = pick_winner(client, parent, exp)
+    if select is not None:
+        from adaptune.search.checks import selectable_metrics
+
+        checked_rule(str(select), "--select", selectable_metrics(exp))
+    child, how = pick_winner(client, parent, exp, select)
     return parent, child, exp, how
 
 
 def fixed_experiment(
-    exp: Experiment, child: Any, *, name: str | None = None
+    exp: Experiment, child: Any, *, name: str | None = None, lineage: Lineage | None = None
 ) -> tuple[Experiment, dict[str, Any], int, str]:
     """``exp`` with the trial's values in ``run``, no ``space``, and its hardware pinned.
 
     MLflow keeps params as strings; each is converted back by validating it through the run
     schema (``"16"`` -> ``16`` for ``buffer_size``, ``"1e-05"`` -> ``1e-05`` for ``lr``).
+    A PBT/PB2 trial's params are its first config, which copying a donor replaced: its
+    ``lineage`` (:func:`search.pbt.read_lineage`) gives its final values instead, and the
+    value each task trained with of every mutated name as ``run.schedule``.
 
     Returns:
         (the fixed experiment, the trial's values by name, its threads, the device written)
     """
     data = exp.model_dump(mode="json", exclude_none=True)
-    params = child.data.params
+    params = child.data.params if lineage is None else lineage.values
     trial = child.data.tags.get(TRIAL_TAG, child.info.run_id)
     for key, spec in exp.space.items():
         if key in params:
@@ -284,9 +303,11 @@ def fixed_experiment(
         hardware["device"] = "cpu"
     data["space"] = {}
     data["name"] = name or f"{exp.name}-best"
+    apply_lineage(data["run"], lineage)
     fixed = parse_experiment(data, source=f"trial {trial}")
     run = fixed.run.model_dump(mode="json")
     values = {key: get_hp(run, key) for key in exp.space}
+    values |= {k: v for k, v in (fixed.run.schedule or {}).items() if k in values}
     return fixed, values, int(threads), fixed.run.hardware.device
 
 
@@ -301,6 +322,8 @@ def render(fixed: Experiment, winner: Winner, tracking_uri: str) -> str:
         f"# run.hardware pins threads={winner.threads} and device={winner.device} as in the trial;",
         "# `adaptune train` with this file reproduces its losses on the same machine.",
     ]
+    if fixed.run.schedule:  # PBT: the values of the trials that trained each task
+        head.append("# run.schedule: the value of each task, as it trained in the search.")
     text = "\n".join(head) + "\n" + experiment_yaml(fixed)
     again = parse_experiment(yaml.safe_load(text), source="best.yaml")  # it must load back
     if again != fixed:
@@ -331,6 +354,7 @@ def export_best(
     tracking_uri: str = DEFAULT_TRACKING_URI,
     name: str | None = None,
     overwrite: bool = False,
+    select: str | None = None,
 ) -> tuple[Path, Winner]:
     """Write the winner of a search as a runnable experiment.
 
@@ -342,29 +366,37 @@ def export_best(
         tracking_uri: the MLflow store (a relative ``sqlite:///`` path is taken from the cwd).
         name: the exported experiment's name (default ``<name>-best``).
         overwrite: replace ``out`` when it exists.
+        select: a selection rule (``"min new_task_loss where forgetting <= 0.1"``) that picks
+            the winner among the search's FINISHED trials instead of its champion.
 
     Returns:
         (the path written, the winner)
 
     Raises:
-        ConfigError: no such experiment or run, no finished trial, or ``out`` exists.
+        ConfigError: no such experiment or run, no finished trial, ``out`` exists, or a bad
+            ``select`` (does not parse, names a metric not reported, no trial meets it).
     """
     if (experiment_name is None) == (run_id is None):
         raise ConfigError("give an experiment name or --run-id (exactly one)")
+    rule = checked_rule(select, "--select") if select is not None else None
     path = Path(out)
     if path.exists() and not overwrite:
         raise ConfigError(f"-o: {path} already exists; pass --force to replace it")
     client = _client(tracking_uri)
-    parent, child, exp, how = resolve(client, experiment_name=experiment_name, run_id=run_id)
-    fixed, values, threads, device = fixed_experiment(exp, child, name=name)
+    parent, child, exp, how = resolve(
+        client, experiment_name=experiment_name, run_id=run_id, select=rule
+    )
+    lineage = read_lineage(client, child, exp) if is_population(exp) else None
+    fixed, values, threads, device = fixed_experiment(exp, child, name=name, lineage=lineage)
+    shown = rule or search_rule(exp.search)  # the value shown: the rule's metric
     winner = Winner(
         parent_run_id=parent.info.run_id,
         run_id=child.info.run_id,
         trial_id=child.data.tags.get(TRIAL_TAG, child.info.run_id),
         how=how,
-        metric=exp.search.metric,
-        mode=exp.search.mode,
-        value=_objective(child, exp.search.metric),
+        metric=shown.metric,
+        mode=shown.mode,
+        value=_objective(child, shown.metric),
         tasks_done=int(child.data.tags.get(TASKS_DONE_TAG, 0) or 0),
         params=values,
         threads=threads,
@@ -391,6 +423,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         tracking_uri=tracking_uri or DEFAULT_TRACKING_URI,
         name=args.name,
         overwrite=args.force,
+        select=args.select,
     )
     value = "-" if winner.value is None else f"{winner.value:.6g}"
     print(
@@ -420,4 +453,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     export.add_argument("--name", help="the exported experiment's name (default <name>-best)")
     export.add_argument("--force", action="store_true", help="replace an existing output file")
+    export.add_argument(
+        "--select", metavar="RULE",
+        help="pick the winner among the finished trials by a rule, not the champion: "
+             "'min new_task_loss where forgetting <= 0.1' (docs/multi-objective.md)",
+    )
     export.set_defaults(func=cmd_export)

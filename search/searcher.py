@@ -5,6 +5,12 @@ its task-1 score, so TPE learns from low-fidelity scores as if they were final. 
 that stopped before the last task reaches Optuna as PRUNED with its per-task intermediate values,
 an errored trial as FAIL, and only a trial that ran every task as COMPLETE.
 
+With a list of metrics and modes the study is multi-objective (one direction per metric). Optuna
+refuses intermediate values there (``Trial.report`` raises), so such a study gets none: a trial
+that ran every task is COMPLETE with its final value of each metric, one stopped early is PRUNED
+without values, an errored one FAIL. Tune itself follows one metric (``TuneConfig``'s, the
+primary one); the searcher keeps its own list.
+
 Optuna parameters carry the run's flat hyperparameter names (``lr``, ``ewc_lambda``), not Tune's
 nested paths (``optim/lr``), so the study, its importances and optuna-dashboard read like the YAML.
 The study lives in persistent storage (sqlite) to survive a restart.
@@ -23,6 +29,7 @@ from typing import Any
 
 import optuna
 from adaptune.search.tags import LOST_RAY_TRIAL_ATTR
+from adaptune.search.warm import WarmStart, give_warm_start
 from adaptune.spaces.paths import from_tune_key, tune_key
 from adaptune.trainables.config import HYPERPARAMETERS
 from ray.air.constants import TRAINING_ITERATION
@@ -37,17 +44,26 @@ class ContinualOptunaSearch(OptunaSearch):
         max_t: number of tasks in the stream; a trial is COMPLETE only after task ``max_t``.
         step_key: result key holding the task index (falls back to ``training_iteration``).
         **kwargs: passed to :class:`ray.tune.search.optuna.OptunaSearch`
-            (``metric``, ``mode``, ``sampler``, ``study_name``, ``storage``, ...).
+            (``metric``, ``mode``: a list of each for a multi-objective study; ``sampler``,
+            ``study_name``, ``storage``, ...).
 
     Example:
         >>> searcher = ContinualOptunaSearch(max_t=3, metric="stream_loss", mode="min")
     """
 
-    def __init__(self, *, max_t: int, step_key: str = "task_index", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        max_t: int,
+        step_key: str = "task_index",
+        warm_start: WarmStart | None = None,
+        **kwargs: Any,
+    ) -> None:
         if max_t < 1:
             raise ValueError(f"`max_t >= 1` must hold, but got max_t={max_t}")
         self._max_t = max_t
         self._step_key = step_key
+        self._warm_start = warm_start  # an earlier search's trials (search.warm_start)
         self._reported: dict[str, set[int]] = {}
         self._orphans: list[int] = []  # study trial numbers asked for but unknown to Tune
         super().__init__(**kwargs)
@@ -58,6 +74,26 @@ class ContinualOptunaSearch(OptunaSearch):
         if self._ot_study is None:
             raise RuntimeError("the study exists once the search space is set")
         return self._ot_study
+
+    @property
+    def multi_objective(self) -> bool:
+        return isinstance(self._metric, list)
+
+    def set_search_properties(
+        self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any
+    ) -> bool:
+        if self.multi_objective:  # Tune passes its one (primary) metric: keep every objective
+            metric, mode = None, None
+        return bool(super().set_search_properties(metric, mode, config, **spec))
+
+    def _setup_study(self, mode: Any) -> None:
+        super()._setup_study(mode)
+        # Tune sets the space, which creates (or reopens) the study, before the first
+        # suggestion: the earlier trials are there for TPE's first draw. On --resume the study
+        # reopens holding them and give_warm_start adds nothing.
+        warm = getattr(self, "_warm_start", None)  # absent from a searcher pickled before it
+        if warm is not None:
+            give_warm_start(self.study, warm)
 
     # -- names: Tune's "optim/lr" <-> Optuna's "lr" ------------------------------------------
     @staticmethod
@@ -84,6 +120,8 @@ class ContinualOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        if self.multi_objective:
+            return  # Optuna takes no intermediate values in a multi-objective study
         value, step = result.get(self._metric), self._step(result)
         if step is not None and _finite(value):
             self._report(trial_id, float(value), step)  # type: ignore[arg-type]
@@ -94,13 +132,15 @@ class ContinualOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         result = result or {}
-        value, step = result.get(self._metric), self._step(result)
-        if not error and step is not None and _finite(value):
+        metrics = self._metric if self.multi_objective else [self._metric]
+        values, step = [result.get(m) for m in metrics], self._step(result)
+        if not error and step is not None and all(_finite(v) for v in values):
             # A result that makes the scheduler stop a trial (ASHA at a rung, or at max_t)
             # reaches only on_trial_complete, never on_trial_result.
-            self._report(trial_id, float(value), step)  # type: ignore[arg-type]
+            if not self.multi_objective:
+                self._report(trial_id, float(values[0]), step)  # type: ignore[arg-type]
             if step >= self._max_t:
-                super().on_trial_complete(trial_id, result=result)  # COMPLETE, final value
+                super().on_trial_complete(trial_id, result=result)  # COMPLETE, final value(s)
                 return
         state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
         self.study.tell(self._ot_trials[trial_id], state=state, skip_if_finished=True)
@@ -181,22 +221,25 @@ def build_searcher(
     *,
     study_name: str,
     storage_file: Path,
-    metric: str,
-    mode: str,
+    metric: str | list[str],
+    mode: str | list[str],
     max_t: int,
     algorithm: str = "tpe",
     seed: int = 0,
+    warm_start: WarmStart | None = None,
 ) -> ContinualOptunaSearch:
     """The searcher for one experiment: seeded sampler, sqlite-backed study.
 
     Args:
         study_name: the Optuna study name (the experiment's name).
         storage_file: sqlite file holding the study; its parent directory is created.
-        metric: objective key in the trainable's results.
-        mode: ``"min"`` or ``"max"``.
+        metric: objective key in the trainable's results; a list: a multi-objective study.
+        mode: ``"min"`` or ``"max"``; a list: one per metric.
         max_t: number of tasks in the stream.
         algorithm: ``"tpe"`` (seeded TPE) or ``"random"``.
         seed: the sampler's seed.
+        warm_start: an earlier search's trials, given to the study when it is created
+            (:func:`search.warm.load_warm_start`).
     """
     storage_file.parent.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{storage_file.resolve()}")
@@ -212,4 +255,5 @@ def build_searcher(
         sampler=sampler,
         study_name=study_name,
         storage=storage,
+        warm_start=warm_start,
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptune.search.experiment import Experiment
+from adaptune.search.pareto import mark_pareto
 from adaptune.search.records import searched_params
 from adaptune.search.tracking import MlflowTrackingCallback
 
@@ -26,6 +27,9 @@ class TrialRow:
     peak_rss_mb: float | None = None
     peak_gpu_mb: float | None = None  # only on CUDA
     retain_forgetting: float | None = None  # with retain domains: what the model lost of them
+    # every finite number of the trial's last result (what a selection rule reads)
+    metrics: dict[str, float] = field(default_factory=dict)
+    pareto: bool = False  # multi-objective: on the Pareto front (:mod:`search.pareto`)
 
 
 @dataclass
@@ -48,7 +52,7 @@ def trial_rows(exp: Experiment, results: Any) -> list[TrialRow]:
     for r in results:
         m = r.metrics or {}
         done = int(m.get("task_index", 0))
-        value = m.get(s.metric)
+        value = m.get(s.primary_metric)
         value = float(value) if isinstance(value, int | float) and math.isfinite(value) else None
         status = "error" if r.error else "complete" if done >= T else "stopped"
         rows.append(
@@ -63,9 +67,12 @@ def trial_rows(exp: Experiment, results: Any) -> list[TrialRow]:
                 peak_rss_mb=_number(m.get("peak_rss_mb"), float),
                 peak_gpu_mb=_number(m.get("peak_gpu_mb"), float),
                 retain_forgetting=_number(m.get("retain_forgetting"), float),
+                metrics={k: float(v) for k, v in m.items() if _number(v, float) is not None},
             )
         )
-    sign = 1 if s.mode == "min" else -1
+    if s.multi_objective:
+        mark_pareto(rows, s.metrics, s.modes)
+    sign = 1 if s.primary_mode == "min" else -1
 
     def key(row: TrialRow) -> tuple[int, float]:
         group = {"complete": 0, "stopped": 1, "error": 2}[row.status]
@@ -74,22 +81,28 @@ def trial_rows(exp: Experiment, results: Any) -> list[TrialRow]:
     return sorted(rows, key=key)
 
 
-def format_table(rows: list[TrialRow], metric: str, *, markdown: bool = False) -> str:
-    """Trials as a text (or markdown) table: the searched values, ``retain_forgetting`` when
-    the stream has retain domains (and it is not the objective), then what each trial cost
-    (``params`` trainable/total, peak resident memory, peak GPU memory when any trial had
-    one; MiB)."""
+def format_table(
+    rows: list[TrialRow], metric: str | list[str], *, markdown: bool = False
+) -> str:
+    """Trials as a text (or markdown) table: the objective (several: each, then ``pareto``
+    with ``*`` on the front), the searched values, ``retain_forgetting`` when the stream has
+    retain domains (and it is not an objective), then what each trial cost (``params``
+    trainable/total, peak resident memory, peak GPU memory when any trial had one; MiB)."""
+    objectives = [metric] if isinstance(metric, str) else list(metric)
     names = list(rows[0].params) if rows else []
     gpu = any(r.peak_gpu_mb is not None for r in rows)
-    retain = metric != "retain_forgetting" and any(r.retain_forgetting is not None for r in rows)
-    head = ["rank", "trial", metric, "tasks", "status", *names]
+    retain = "retain_forgetting" not in objectives and any(
+        r.retain_forgetting is not None for r in rows
+    )
+    multi = len(objectives) > 1
+    head = ["rank", "trial", *objectives, *(["pareto"] if multi else []), "tasks", "status", *names]
     head += ["retain_forgetting"] if retain else []
     head += ["params", "rss_mb", *(["gpu_mb"] if gpu else [])]
     body = [
         [
             str(i),
             r.trial_id,
-            f"{r.value:.4f}" if r.value is not None else "-",
+            *(_objective_cells(r, objectives)),
             str(r.tasks_done),
             r.status,
             *(_fmt(r.params[n]) for n in names),
@@ -107,6 +120,13 @@ def format_table(rows: list[TrialRow], metric: str, *, markdown: bool = False) -
     widths = [max([len(c), *(len(b[i]) for b in body)]) for i, c in enumerate(head)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), *(fmt.format(*b) for b in body)])
+
+
+def _objective_cells(r: TrialRow, objectives: list[str]) -> list[str]:
+    if len(objectives) == 1:
+        return [f"{r.value:.4f}" if r.value is not None else "-"]
+    values = [r.metrics.get(m) for m in objectives]
+    return [f"{v:.4f}" if v is not None else "-" for v in values] + ["*" if r.pareto else ""]
 
 
 def _fmt(v: Any) -> str:
@@ -171,14 +191,19 @@ def log_summary(
     import optuna
 
     client, parent = callback.client, callback.start_parent()
-    metric = exp.search.metric
-    client.log_text(parent, format_table(rows, metric, markdown=True), "trials.md")
+    s = exp.search
+    metric = s.primary_metric
+    client.log_text(parent, format_table(rows, s.metric, markdown=True), "trials.md")
     buf = io.StringIO()
     names = list(rows[0].params) if rows else []
     costs = ["params_trainable", "params_total", "peak_rss_mb", "peak_gpu_mb"]
-    buf.write(",".join(["trial_id", metric, "tasks_done", "status", *names, *costs]) + "\n")
+    objectives = [*s.metrics, "pareto"] if s.multi_objective else [metric]
+    buf.write(",".join(["trial_id", *objectives, "tasks_done", "status", *names, *costs]) + "\n")
     for r in rows:
-        cells = [r.trial_id, "" if r.value is None else repr(r.value), str(r.tasks_done), r.status]
+        values = [r.metrics.get(m) for m in s.metrics] if s.multi_objective else [r.value]
+        cells = [r.trial_id, *("" if v is None else repr(v) for v in values)]
+        cells += [str(r.pareto).lower()] if s.multi_objective else []
+        cells += [str(r.tasks_done), r.status]
         cells += [str(r.params[n]) for n in names]
         cells += ["" if getattr(r, c) is None else str(getattr(r, c)) for c in costs]
         buf.write(",".join(cells) + "\n")
@@ -187,12 +212,15 @@ def log_summary(
     client.log_figure(parent, fig, "objective_per_trial.png")
     plt.close(fig)
 
+    if study is None:  # PBT/PB2: values change mid-trial, and no Optuna study holds them
+        notes.append("parameter importances skipped: a population search has no Optuna study")
+        return
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(complete) < 2:
         notes.append(f"parameter importances skipped: {len(complete)} complete trial(s), need 2")
         return
     try:
-        importances = optuna.importance.get_param_importances(study)
+        importances = _importances(study, s.metrics)
     except (ValueError, RuntimeError) as err:
         notes.append(f"parameter importances skipped: {err}")
         return
@@ -202,3 +230,25 @@ def log_summary(
     client.log_batch(
         parent, metrics=[Metric(f"importance/{k}", float(v), 0, 0) for k, v in importances.items()]
     )
+
+
+def _importances(study: Any, metrics: list[str]) -> dict[str, float]:
+    """Optuna's parameter importances: ``{param: value}``; a multi-objective study has them
+    per objective, as ``{"metric/param": value}``."""
+    import warnings
+
+    import optuna
+
+    if len(metrics) == 1:
+        return dict(optuna.importance.get_param_importances(study))
+    out: dict[str, float] = {}
+    for i, (metric, direction) in enumerate(zip(metrics, study.directions, strict=True)):
+        # Optuna ranks a `target` as lower-is-better (and warns so): negate a maximised one
+        sign = 1.0 if direction == optuna.study.StudyDirection.MINIMIZE else -1.0
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*low `target` values")
+            found = optuna.importance.get_param_importances(
+                study, target=lambda t, i=i, sign=sign: sign * t.values[i]
+            )
+        out |= {f"{metric}/{k}": v for k, v in found.items()}
+    return out

@@ -28,6 +28,8 @@ SEARCHED_TAG = "adaptune.searched"  # the searched hyperparameters' names, comma
 CHAMPION_TAG = "adaptune.champion_trial_id"  # the trial registered as @champion
 CHAMPION_RUN_TAG = "adaptune.champion_run_id"  # that trial's run, which holds the model
 CHAMPION_URI_TAG = "adaptune.champion_model"  # models:/NAME@champion
+SELECT_TAG = "adaptune.select"  # the rule the champion was chosen by (search.select)
+PARETO_TRIALS_TAG = "adaptune.pareto_trials"  # multi-objective: the front's trial ids
 
 # -- a child run (one trial) ------------------------------------------------------------------
 TRIAL_TAG = "adaptune.trial_id"  # Ray's trial id; also on the champion's model and version
@@ -37,6 +39,9 @@ LAST_FAILURE_TAG = "adaptune.last_failure"  # the line of the failure Ray last r
 FAILURES_TAG = "adaptune.failures"  # times Ray retried the trial (FailureConfig)
 STARTS_TAG = "adaptune.starts"  # times Ray started the trial: first start, retries, resumes
 LOST_TAG = "adaptune.lost_trial_id"  # on an adopted run: the Ray trial id it started under
+PARETO_TAG = "adaptune.pareto"  # "true" on the Pareto front of a multi-objective search
+LINEAGE_TAG = "adaptune.lineage"  # the trial that trained each task: "b7,b7,a1" (PBT copies)
+DONORS_TAG = "adaptune.pbt.donors"  # the tasks another trial trained: "1:b7,2:b7"
 # the settings the trial ran with (numbers, but not measurements); `adaptune export` pins them
 THREADS_TAG = "adaptune.threads"  # torch CPU threads
 CUDA_TAG = "adaptune.cuda"  # 1 if the trial ran on a CUDA device, else 0
@@ -48,3 +53,11 @@ PID_TAG = "adaptune.pid"  # the process (Ray's worker)
 
 # -- Optuna user attributes -------------------------------------------------------------------
 LOST_RAY_TRIAL_ATTR = "adaptune.lost_ray_trial_id"  # on an adopted study trial: its lost Ray id
+
+# -- warm start (``search.warm_start``) ---------------------------------------------------------
+WARM_START_RUN_TAG = "adaptune.warm_start_run_id"  # parent run tag: the earlier search's parent
+# Optuna user attributes of a study trial that came from an earlier search
+WARM_SEARCH_ATTR = "adaptune.warm_start.search"  # the earlier search's name
+WARM_RUN_ATTR = "adaptune.warm_start.run_id"  # the earlier search's parent run id
+WARM_TRIAL_ATTR = "adaptune.warm_start.trial"  # given as it ran: the earlier trial's number
+WARM_ENQUEUED_ATTR = "adaptune.warm_start.enqueued"  # run again first: the earlier trial's number

@@ -4,13 +4,17 @@ Ray's ``MLflowLoggerCallback`` makes flat runs and, since Ray 2.10, uploads no a
 callback runs on the driver, so workers need no MLflow access:
 
 - parent run: tags ``adaptune.experiment_hash`` (sha256 of the resolved experiment YAML), the git
-  commit, the Optuna study, ``adaptune.searched`` (the searched names); params = the search
-  settings; artifact ``experiment.yaml``.
+  commit, the Optuna study, ``adaptune.searched`` (the searched names), ``adaptune.select``
+  (the rule the champion is chosen by, :mod:`search.select`); params = the search settings
+  (a list as ``a,b``); artifact ``experiment.yaml``.
 - child run per trial (tag ``mlflow.parentRunId``, ``adaptune.trial_id``), looked up by tag before
   it is created so a restarted or resumed trial never gets a second one; named
   ``t<NN>-<trial id>`` (NN = its place among the search's trials: what tells trials apart comes
   first); params = every hyperparameter of the resolved run config by its flat name, searched
-  or fixed; every numeric measurement as a metric at step = task index; the settings the trial
+  or fixed; every numeric measurement as a metric at step = task index, and each searched
+  number as ``hp/<name>`` (the value the task trained with: PBT changes it, params cannot
+  change); ``adaptune.lineage`` (the trial that trained each task) and, after a PBT exploit,
+  ``adaptune.pbt.donors``; a PBT trial's final history as ``lineage.json``; the settings the trial
   ran with (torch threads, CUDA or not) and where it last ran as tags (``adaptune.threads``,
   ``adaptune.cuda``, ``adaptune.node_id`` (Ray node), ``adaptune.node_ip``,
   ``adaptune.hostname``, ``adaptune.pid``); the texts the components wrote into a task's
@@ -38,6 +42,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from adaptune.search.pbt import LINEAGE_ARTIFACT, hp_metrics, lineage_tags, log_lineage
 from adaptune.search.records import (
     WHERE_TAGS,
     checkpoint_texts,
@@ -53,6 +58,7 @@ from adaptune.search.records import (
     run_name,
     trial_params,
 )
+from adaptune.search.select import objective_text, search_rule
 from adaptune.search.stores import resolve_tracking_uri
 from adaptune.search.tags import (
     ERROR_TAG,
@@ -68,6 +74,7 @@ from adaptune.search.tags import (
     PARENT_TAG,
     RESUMES_TAG,
     SEARCHED_TAG,
+    SELECT_TAG,
     STARTS_TAG,
     TASKS_DONE_TAG,
     TRIAL_TAG,
@@ -169,12 +176,16 @@ class MlflowTrackingCallback(Callback):
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
         self._children: dict[str, str] = {}
+        self._listed: dict[str, Any] | None = None  # see _listing
+        self._count = 0  # child runs of the parent, once listed
         self._client: MlflowClient | None = None
 
-    # The Tuner pickles its callbacks; an open sqlite client must not travel with them.
+    # The Tuner pickles its callbacks; an open sqlite client must not travel with them, and an
+    # unpickled copy (a resumed search) lists the children again.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_client"] = None
+        state["_listed"] = None
         return state
 
     @property
@@ -196,7 +207,8 @@ class MlflowTrackingCallback(Callback):
         tags = {
             HASH_TAG: experiment_hash(self.experiment_yaml),
             KIND_TAG: KIND_SEARCH,
-            OBJECTIVE_TAG: f"{s.metric} ({s.mode})",
+            OBJECTIVE_TAG: objective_text(s),
+            SELECT_TAG: str(search_rule(s)),
             SEARCHED_TAG: ",".join(searched),
             **self.extra_tags,
         }
@@ -212,7 +224,11 @@ class MlflowTrackingCallback(Callback):
         params |= {"tasks": ",".join(self.task_names), "model": self.exp.run.model.name}
         self.client.log_batch(
             self.parent_run_id,
-            params=[Param(k, str(v)) for k, v in params.items()],
+            # a list (multi-objective metric and mode) as "a,b", as the UI reads it back
+            params=[
+                Param(k, ",".join(map(str, v)) if isinstance(v, list) else str(v))
+                for k, v in params.items()
+            ],
             synchronous=True,
         )
         self.client.log_text(self.parent_run_id, self.experiment_yaml, "experiment.yaml")
@@ -238,7 +254,8 @@ class MlflowTrackingCallback(Callback):
         trial_id = str(trial.trial_id)
         if trial_id in self._children:
             return self._children[trial_id]
-        found = self.trial_run_id(trial_id)
+        listed = self._listing().pop(trial_id, None)
+        found = str(listed.info.run_id) if listed is not None else None
         adopted = self._adopt_lost_run(trial, trials) if not found and trials else None
         if found:
             run_id = found
@@ -247,9 +264,9 @@ class MlflowTrackingCallback(Callback):
             run_id = adopted
         else:
             tags = {PARENT_TAG: self.start_parent(), TRIAL_TAG: trial_id, KIND_TAG: KIND_TRIAL}
-            number = len(self._children_of_parent()) + 1
+            self._count += 1
             run = self.client.create_run(
-                self.experiment_id, run_name=run_name(number, trial_id), tags=tags
+                self.experiment_id, run_name=run_name(self._count, trial_id), tags=tags
             )
             run_id = run.info.run_id
             params = trial_params(trial.config)
@@ -272,6 +289,17 @@ class MlflowTrackingCallback(Callback):
     def _running_children(self) -> list[Any]:
         return self._children_of_parent("attributes.status = 'RUNNING'")
 
+    def _listing(self) -> dict[str, Any]:
+        """The runs of the parent's children that this copy has not handed out yet, by trial
+        id, listed once: runs are created by the copy that Tune calls alone, so from then on
+        the listing, ``_children`` and ``_count`` know every child without a query per trial
+        (a query reads every child: one per trial makes a search quadratic in its trials)."""
+        if self._listed is None:
+            runs = self._children_of_parent()
+            self._listed = {str(r.data.tags.get(TRIAL_TAG)): r for r in runs}
+            self._count = len(runs)
+        return self._listed
+
     def _adopt_lost_run(self, trial: Any, trials: list[Any]) -> str | None:
         """A RUNNING child whose Ray trial is gone and whose parameters are ``trial``'s.
 
@@ -281,9 +309,11 @@ class MlflowTrackingCallback(Callback):
         """
         live = {str(t.trial_id) for t in trials}
         params = trial_params(trial.config)
-        for run in self._running_children():
-            lost = run.data.tags.get(TRIAL_TAG)
-            if lost not in live and run.data.params == params:
+        listing = self._listing()
+        for lost, run in list(listing.items()):
+            running = run.info.status == RunStatus.to_string(RunStatus.RUNNING)
+            if running and lost not in live and run.data.params == params:
+                del listing[lost]
                 run_id = run.info.run_id
                 self.client.log_batch(
                     run_id, tags=[RunTag(TRIAL_TAG, str(trial.trial_id)), RunTag(LOST_TAG, lost)]
@@ -331,7 +361,12 @@ class MlflowTrackingCallback(Callback):
         step = int(result.get("task_index", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
+        # the values this task trained with are the report's config: Tune hands the result to
+        # the scheduler first, and a PBT exploit has replaced trial.config by the time we see it
+        ran = result.get("config") or trial.config
+        metrics += [Metric(k, v, now, step) for k, v in hp_metrics(self.exp, result, ran).items()]
         where = [RunTag(tag, str(result[k])) for k, tag in WHERE_TAGS.items() if k in result]
+        where += [RunTag(k, v) for k, v in lineage_tags(result, str(trial.trial_id)).items()]
         self.client.log_batch(run_id, metrics=metrics, tags=where)
         log_chunk_series(self.client, run_id, result)  # online mode: the segment's chunks
 
@@ -346,6 +381,10 @@ class MlflowTrackingCallback(Callback):
             log_task_texts(self.client, self.child_run_id(trial), texts, step)
         except Exception as err:  # noqa: BLE001 - Tune drops a checkpoint whose callback raised
             logger.warning("trial %s: component texts not logged: %s", trial.trial_id, err)
+        try:  # PBT/PB2, after the last task: who trained each task with which values
+            log_lineage(self.client, self.child_run_id(trial), self.exp, checkpoint, step)
+        except Exception as err:  # noqa: BLE001 - as above
+            logger.warning("trial %s: %s not logged: %s", trial.trial_id, LINEAGE_ARTIFACT, err)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         last = getattr(trial, "last_result", None) or {}

@@ -1,9 +1,11 @@
 """The search: Ray Tune runs the trainable, Optuna (TPE) proposes, ASHA stops, MLflow records.
 
 ``run_search(exp)`` checks everything a user can get wrong first (objective, space, scheduler,
-data, model, output directory), then starts Ray, fits, and publishes the champion: the best trial
-that ran every task -> its final checkpoint's ``model/`` -> an MLflow transformers model on the
-search's parent run, registered with alias ``champion``.
+data, model, output directory), then starts Ray, fits, and publishes the champion: the trial
+that ran every task picked by ``search.select`` (default: the best on the first objective;
+:mod:`search.select`) -> its final checkpoint's ``model/`` -> an MLflow transformers model on
+the search's parent run, registered with alias ``champion``. A multi-objective search also gets
+its Pareto front on the parent run (:mod:`search.pareto`).
 
 Example:
     >>> from adaptune.search.experiment import load_experiment
@@ -31,15 +33,31 @@ from adaptune.search.locations import (
     search_location,
 )
 from adaptune.search.lock import SearchLock
+from adaptune.search.pareto import log_pareto
+from adaptune.search.pbt import (
+    build_population_scheduler,
+    build_population_search,
+    checkpoints_to_keep,
+    is_population,
+    log_population,
+)
 from adaptune.search.preload import NEEDED_AFTER_TRIALS, preload_thread
 from adaptune.search.records import experiment_hash
 from adaptune.search.resume import inspect_search_dir, write_search_info
 from adaptune.search.searcher import ContinualOptunaSearch, build_searcher
+from adaptune.search.select import champion_row, objective_text
 from adaptune.search.stores import resolve_tracking_uri
 from adaptune.search.summary import SearchSummary, log_summary, trial_rows
 from adaptune.search.tags import OPTUNA_STORAGE_TAG, OPTUNA_STUDY_TAG, SEARCH_DIR_TAG
 from adaptune.search.tracking import MlflowTrackingCallback
 from adaptune.search.tune_loop import patient_controller
+from adaptune.search.warm import (
+    WarmStart,
+    describe_warm_start,
+    given_trial,
+    load_warm_start,
+    record_warm_start,
+)
 from adaptune.spaces.paths import tune_key
 from adaptune.spaces.tune import build_param_space
 
@@ -48,12 +66,15 @@ Trainable = Callable[[dict[str, Any]], None]
 
 def build_scheduler(exp: Experiment) -> Any:
     """ASHA at task boundaries (time_attr = training_iteration = task index, max_t = #tasks)."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from adaptune.search.asha import ResumableASHAScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     s = exp.search
+    if is_population(exp):  # PBT replaces ASHA/FIFO (search/pbt.py)
+        return build_population_scheduler(exp)
     if s.scheduler == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(
+    return ResumableASHAScheduler(  # Ray's ASHA, its rungs kept across --resume
         time_attr="training_iteration",
         max_t=len(exp.run.stream.tasks),
         grace_period=s.grace_period,
@@ -74,7 +95,7 @@ def build_tuner(
     exp: Experiment,
     *,
     callback: MlflowTrackingCallback,
-    searcher: ContinualOptunaSearch,
+    searcher: ContinualOptunaSearch | None,
     trainable: Trainable,
     quiet: bool = False,
 ) -> Any:
@@ -83,15 +104,18 @@ def build_tuner(
     Args:
         exp: the validated experiment.
         callback: the MLflow callback, its parent run started (``tuner.pkl`` keeps its id).
-        searcher: the Optuna searcher (:func:`search.searcher.build_searcher`).
+        searcher: the Optuna searcher (:func:`search.searcher.build_searcher`); None for
+            PBT/PB2, whose population Tune's seeded variant generator draws (search/pbt.py).
         trainable: the function trainable (:func:`trainables.trainable.continual_trainable`;
             tests pass one that injects faults).
         quiet: no progress table (Tune's ``verbose=0``).
     """
+    from adaptune.search.asha import scheduler_callbacks
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     s = exp.search
+    scheduler = build_scheduler(exp)
     local = local_results_dir(exp)
     storage_path = str(local.parent) if local is not None else exp.storage_path
     resources = trial_resources(exp)
@@ -102,7 +126,7 @@ def build_tuner(
         parameter_columns={tune_key(n): n for n in exp.space},
         metric_columns={
             "training_iteration": "tasks",
-            s.metric: s.metric,
+            **{m: m for m in s.metrics},
             "forgetting": "forgetting",
             "new_task_loss": "new_task_loss",
         },
@@ -116,10 +140,15 @@ def build_tuner(
         tune.with_resources(trainable, resources),
         param_space=build_param_space(exp),
         tune_config=tune.TuneConfig(
-            metric=s.metric,
-            mode=s.mode,
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
-            scheduler=build_scheduler(exp),
+            # Tune (and ASHA) follow one metric; a multi-objective searcher keeps its list
+            metric=s.primary_metric,
+            mode=s.primary_mode,
+            search_alg=(
+                build_population_search(exp)
+                if searcher is None
+                else ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
+            ),
+            scheduler=scheduler,
             num_samples=s.num_samples,
             time_budget_s=s.time_budget_s,
             trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
@@ -131,8 +160,9 @@ def build_tuner(
         run_config=tune.RunConfig(
             name=exp.name,
             storage_path=storage_path,
-            callbacks=[callback],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # the scheduler's state rides in Tune's experiment snapshot (search/asha.py)
+            callbacks=[callback, *scheduler_callbacks(scheduler)],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_to_keep(exp)),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             verbose=0 if quiet else 1,
             progress_reporter=reporter,
@@ -151,10 +181,12 @@ def restore_tuner(exp: Experiment, *, trainable: Trainable) -> Any:
 
     ``Tuner.restore`` brings back what :func:`build_tuner` pickled in ``tuner.pkl`` (searcher,
     scheduler, callbacks with the MLflow parent run id, run config) and, from the latest
-    experiment snapshot, every trial with its last checkpoint and the searcher's state (the
-    Optuna study reopens from its sqlite file). Finished and errored trials stay as they are;
-    unfinished ones restart from their last task checkpoint (``tune.get_checkpoint()`` in the
-    trainable). The trainable itself is not pickled and is passed again.
+    experiment snapshot, every trial with its last checkpoint, the searcher's state (the
+    Optuna study reopens from its sqlite file) and the callbacks' states, among them ASHA's
+    rungs (:mod:`search.asha`: Ray keeps no scheduler state of its own). Finished and errored
+    trials stay as they are; unfinished ones restart from their last task checkpoint
+    (``tune.get_checkpoint()`` in the trainable). The trainable itself is not pickled and is
+    passed again.
     """
     from ray import tune
 
@@ -232,10 +264,14 @@ def run_search(
     # folder the running one is writing looks like. Released (its files removed) on any error.
     with SearchLock(search_location(exp)):
         check_search(exp, resume=resume, folder=False)
+        # an earlier search's trials, read before Ray starts; a resumed search's searcher
+        # holds them already (tuner.pkl)
+        warm = None if resume else load_warm_start(exp)
         prep = prepare(exp.run)  # data and model checks, before anything is written
         check_search_folder(exp, resume=resume)  # a name clash last: fix the rest in one round
         return _search(
-            exp, prep, address=address, trainable=trainable, resume=resume, quiet=quiet
+            exp, prep, address=address, trainable=trainable, resume=resume, quiet=quiet,
+            warm=warm,
         )
 
 
@@ -247,6 +283,7 @@ def _search(
     trainable: Trainable | None,
     resume: bool,
     quiet: bool,
+    warm: WarmStart | None = None,
 ) -> SearchSummary:
     """:func:`run_search` once every check has passed: start Ray, fit, publish."""
     import ray
@@ -279,15 +316,19 @@ def _search(
         write_search_info(location, state="running")
         import optuna
 
-        study = optuna.load_study(study_name=exp.name, storage=storage_url)
-        done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+        # PBT/PB2 have no study (search/pbt.py): nothing to count there
+        study = None if is_population(exp) else optuna.load_study(
+            study_name=exp.name, storage=storage_url
+        )
+        trials = [] if study is None else study.get_trials(deepcopy=False)
+        done = sum(t.state.is_finished() and not given_trial(t) for t in trials)
         say(
             f"adaptune search {exp.name}: resuming ({done} of {exp.search.num_samples} trials "
             f"finished) from {location}; MLflow parent run {callback.parent_run_id}"
         )
         tuner = restore_tuner(exp, trainable=trainable)
     else:
-        searcher = build_searcher(
+        searcher = None if is_population(exp) else build_searcher(
             study_name=exp.name,
             storage_file=optuna_storage_file(exp),
             metric=exp.search.metric,
@@ -295,16 +336,20 @@ def _search(
             max_t=len(names),
             algorithm=exp.search.algorithm,
             seed=exp.search.seed,
+            warm_start=warm,
         )
         say(
             f"adaptune search {exp.name}: {exp.search.num_samples} trials over "
             f"{', '.join(callback.param_names)}; {len(names)} tasks ({', '.join(names)}); "
-            f"objective {exp.search.metric} ({exp.search.mode}); "
-            f"scheduler {exp.search.scheduler}"
+            f"objective {objective_text(exp.search)}; "
+            f"scheduler {exp.search.algorithm if is_population(exp) else exp.search.scheduler}"
         )
         # The parent run exists before the Tuner pickles the callback (tuner.pkl), so a
         # resumed search logs to the same run.
         callback.start_parent()
+        if warm is not None:
+            record_warm_start(callback.client, callback.start_parent(), warm)
+            say(describe_warm_start(warm))
         write_search_info(
             location,
             name=exp.name,
@@ -358,18 +403,25 @@ def _finish_search(
         return summary
     if searcher is not None:
         study = searcher.study
-    dangling = close_dangling_trials(study)
+    dangling = 0 if study is None else close_dangling_trials(study)  # PBT: no study
     if dangling:
         summary.notes.append(
             f"{dangling} Optuna trial(s) left running (time budget, or lost with a killed "
             "driver): told PRUNED"
         )
     log_summary(callback, exp, rows, study, summary.notes)
-    best = next((r for r in rows if r.status == "complete" and r.value is not None), None)
+    log_population(callback, exp)  # PBT/PB2: Ray's exploit log
+    best = champion_row(exp.search, rows, summary.notes)
     summary.best = best
+    if exp.search.multi_objective:
+        log_pareto(callback, exp, rows, best.trial_id if best is not None else None)
     if best is None:
-        summary.notes.append("no trial ran every task: nothing registered")
-        callback.end_parent("FAILED")
+        # no trial ran every task: FAILED; some did but none meets search.select: FINISHED
+        # (`adaptune export --select` can still pick one)
+        finished = any(r.status == "complete" for r in rows)
+        if not finished:
+            summary.notes.append("no trial ran every task: nothing registered")
+        callback.end_parent("FINISHED" if finished else "FAILED")
         write_search_info(location, state="finished")
         return summary
     result = next(r for r in results if (r.metrics or {}).get("trial_id") == best.trial_id)
@@ -379,7 +431,10 @@ def _finish_search(
         summary.model_uri, summary.model_version = publish_champion(
             callback, exp, Path(ckpt), best.trial_id
         )
-    callback.client.log_metric(summary.parent_run_id, f"best/{exp.search.metric}", best.value)
+    for metric in exp.search.metrics:
+        value = best.value if metric == exp.search.primary_metric else best.metrics.get(metric)
+        if value is not None:
+            callback.client.log_metric(summary.parent_run_id, f"best/{metric}", value)
     callback.end_parent("FINISHED")
     write_search_info(location, state="finished")
     return summary

@@ -152,8 +152,9 @@ def find_view(
     else:
         experiment_id, parent_params = parent.info.experiment_id, parent.data.params
     name = next(e.name for e in experiments if str(e.experiment_id) == str(experiment_id))
-    metric = metric or parent_params.get("search.metric", "stream_loss")
-    mode = mode or parent_params.get("search.mode", "min")
+    # a multi-objective search logs "a,b": the table sorts by the first
+    metric = metric or parent_params.get("search.metric", "stream_loss").split(",")[0]
+    mode = mode or parent_params.get("search.mode", "min").split(",")[0]
     params: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
     if parent is not None:
@@ -258,7 +259,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         exp = load_experiment(args.experiment)
         tracking_uri = tracking_uri or exp.tracking.tracking_uri
         experiment_name = exp.tracking.experiment_name or exp.name
-        metric, mode = exp.search.metric, exp.search.mode
+        metric, mode = exp.search.primary_metric, exp.search.primary_mode
     tracking_uri = tracking_uri or DEFAULT_TRACKING_URI
     served = tracking_uri.startswith(("http://", "https://"))
     if served:  # that server already serves the UI: only the view and its URL are ours
