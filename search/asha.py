@@ -40,7 +40,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-STATE_KEY = "adaptune.asha"  # the callback state's key, to find it in Tune's callback file
+STATE_KEY = "adaptune-asha-rungs"  # the callback state's key, to find it in Tune's callback file
 CALLBACK_STATES = "callback-states-"  # Tune's CallbackList.CKPT_FILE_TMPL, up to the session
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from adaptune.search.confirm import confirm_problems
 from adaptune.search.experiment import Experiment, experiment_yaml
 from adaptune.search.locations import search_location
-from adaptune.search.pbt import is_population, population_problems
+from adaptune.search.pbt import is_population, mutated_names, population_problems
 from adaptune.search.records import experiment_hash
 from adaptune.search.resume import check_search_dir, inspect_search_dir
 from adaptune.search.select import check_rule, parse_rule
@@ -18,7 +19,8 @@ from adaptune.search.stores import check_tracking_server
 from adaptune.search.warm import warm_start_problems
 from adaptune.spaces import Dist
 from adaptune.spaces.paths import set_hp
-from adaptune.trainables.config import RunConfig, format_validation_error
+from adaptune.trainables.config import RunConfig
+from adaptune.trainables.config_errors import format_validation_error
 from adaptune.trainables.errors import ConfigError
 from adaptune.trainables.metrics import Direction, objectives
 from pydantic import ValidationError
@@ -80,8 +82,25 @@ def search_problems(exp: Experiment) -> list[str]:
             "space: nothing to search; give at least one distribution "
             "(loguniform, uniform, int, choice) or use `adaptune train`"
         )
+    problems += _scheduled_and_searched(exp)
     problems += warm_start_problems(exp)  # the settings; the earlier search is read later
+    problems += confirm_problems(exp)  # search.confirm (search/confirm.py)
     return problems
+
+
+def _scheduled_and_searched(exp: Experiment) -> list[str]:
+    """A hyperparameter searched in ``space`` must not be in ``run.schedule`` too: the schedule's
+    value replaces the sampled one at every task, so every trial would train alike. PBT/PB2's
+    mutated names are refused by :func:`search.pbt.population_problems` already."""
+    scheduled = exp.run.schedule or {}
+    mutated = set(mutated_names(exp)) if is_population(exp) else set()
+    return [
+        f"space.{name}: searched, but run.schedule.{name} also sets it; a scheduled value "
+        f"replaces the searched one at every task, so the search would vary nothing; drop "
+        f"space.{name} to train with the schedule, or run.schedule.{name} to search {name}"
+        for name, spec in exp.space.items()
+        if isinstance(spec, Dist) and name in scheduled and name not in mutated
+    ]
 
 
 def check_search_folder(exp: Experiment, *, resume: bool = False) -> None:

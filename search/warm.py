@@ -29,6 +29,7 @@ from typing import Any
 
 from adaptune.search.experiment import Experiment
 from adaptune.search.locations import optuna_storage_url
+from adaptune.search.search_runs import _search_name, _search_runs, read_experiment
 from adaptune.search.stores import check_tracking_server, resolve_tracking_uri, sqlite_file
 from adaptune.search.tags import (
     KIND_SEARCH,
@@ -149,7 +150,6 @@ def find_earlier_search(client: Any, ref: str) -> Any:
     Raises:
         ConfigError: no such search, listing the searches in the store.
     """
-    from adaptune.search.export import _search_runs
     from mlflow.exceptions import MlflowException
 
     if _RUN_ID.fullmatch(ref):
@@ -182,14 +182,10 @@ def find_earlier_search(client: Any, ref: str) -> Any:
 
 def search_name(parent: Any) -> str:
     """A search's name, from its parent run."""
-    from adaptune.search.export import _search_name
-
     return _search_name(parent)
 
 
 def _earlier_experiment(client: Any, parent: Any, name: str) -> Experiment:
-    from adaptune.search.export import read_experiment
-
     try:
         return read_experiment(client, parent)
     except ConfigError as err:

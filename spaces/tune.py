@@ -18,7 +18,7 @@ from typing import Any
 from adaptune.spaces import Dist, Spec, check_space
 from adaptune.spaces.paths import set_hp
 from adaptune.spaces.presets import PRESETS  # noqa: F401  (re-exported)
-from adaptune.trainables.config import with_absolute_paths
+from adaptune.trainables.config_paths import with_absolute_paths
 
 
 def to_tune(spec: Spec) -> Any:

@@ -157,6 +157,10 @@ CASES: list[tuple[str, str | Mutation, list[str]]] = [
     ("space: choice outside the run's range",
      put("space", {"replay_fraction": {"choice": [0.1, 1.5]}}),
      ["space.replay_fraction: the value 1.5 is out of range", "less than 1"]),
+    ("space: searched and scheduled", put("run.schedule", {"lr": [1e-3, 5e-4]}),
+     ["space.lr: searched, but run.schedule.lr also sets it",
+      "replaces the searched one at every task, so the search would vary nothing",
+      "drop space.lr", "or run.schedule.lr"]),
     # --- the objective and the scheduler
     ("objective forgetting", put("search.metric", "forgetting"),
      ["search.metric: 'forgetting' is not an objective", "it is 0 after task 1",

@@ -345,7 +345,8 @@ def test_quickstart_with_overrides() -> None:
 
 def test_search_trials_get_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray runs trials in their own folders: relative local paths are resolved on the driver."""
-    from adaptune.trainables.config import parse_run_config, with_absolute_paths
+    from adaptune.trainables.config import parse_run_config
+    from adaptune.trainables.config_paths import with_absolute_paths
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data/a.txt").write_text("hello\n")

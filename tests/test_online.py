@@ -22,8 +22,9 @@ from adaptune.trainables import parse_run_config, prepare, run_stream
 from adaptune.trainables.components.replay import Replay, ReservoirBuffer, WindowBuffer
 from adaptune.trainables.config import ReplayConfig
 from adaptune.trainables.drift import DriftDetector
+from adaptune.trainables.evaluation import evaluate
 from adaptune.trainables.metrics import drift_metrics, prequential_metrics
-from adaptune.trainables.run import base_model, evaluate
+from adaptune.trainables.run import base_model
 from conftest import tiny_experiment, write_experiment
 from mlflow.tracking import MlflowClient
 

@@ -240,6 +240,32 @@ def test_train_refuses_a_bad_schedule_with_exit_2(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.yaml"]  # nothing written
 
 
+@pytest.mark.parametrize(
+    ("search", "flagged"),
+    [
+        ({}, True),  # TPE samples lr, the schedule replaces it at every task
+        ({"algorithm": "pbt", "num_samples": 2, "pbt": {"mutate": ["ewc_lambda"]}}, True),
+        # PBT mutating lr: search.pbt's own line names run.schedule, once
+        ({"algorithm": "pbt", "num_samples": 2}, False),
+    ],
+)
+def test_a_searched_and_scheduled_hyperparameter_is_refused_once(
+    search: dict[str, Any], flagged: bool
+) -> None:
+    from adaptune.search.checks import search_problems
+
+    data = tiny_experiment(
+        run={"schedule": {"lr": [1e-3, 5e-4, 2e-4]}},
+        space={"ewc_lambda": {"uniform": [0.0, 100.0]}},
+        search=search,
+    )
+    problems = search_problems(parse_experiment(data))
+    assert len(problems) == 1, problems  # lr once; ewc_lambda is searched, not scheduled
+    line = problems[0]
+    assert line.startswith("space.lr: searched, but run.schedule.lr also sets it") == flagged
+    assert "would vary nothing" in line if flagged else "mutated by pbt" in line
+
+
 def test_train_replays_a_schedule(tmp_path: Path) -> None:
     data = tiny_experiment("sched", run={"schedule": {"lr": [3e-3, 1e-3, 5e-4]},
                                          "hardware": {"threads": 1}})

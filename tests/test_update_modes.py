@@ -18,7 +18,8 @@ from adaptune.trainables.checkpoint import load_state, materialize_model
 from adaptune.trainables.config import HYPERPARAMETERS, UpdateConfig
 from adaptune.trainables.cost import param_counts
 from adaptune.trainables.errors import ConfigError
-from adaptune.trainables.run import Prepared, base_model, evaluate
+from adaptune.trainables.evaluation import evaluate
+from adaptune.trainables.run import Prepared, base_model
 from adaptune.trainables.update import apply_update, load_adapters
 from conftest import tiny_experiment, write_experiment
 from safetensors.torch import load_file

@@ -7,14 +7,16 @@ rules the experiment file was checked against.
 The searchable hyperparameters have one name each, used unchanged in the YAML, in search spaces,
 in MLflow params and in the docs (``lr``, ``buffer_size``, ``ewc_lambda``, ``distill_alpha``...).
 :data:`HYPERPARAMETERS` maps each name to its path inside the run config.
+
+Errors become one line each in :mod:`trainables.config_errors`; relative paths are resolved in
+:mod:`trainables.config_paths`.
 """
 
 from __future__ import annotations
 
-import difflib
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from adaptune.trainables.config_errors import format_validation_error, register_schema
 from adaptune.trainables.errors import ConfigError
 from pydantic import (
     BaseModel,
@@ -337,84 +339,7 @@ HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
     **{k: ("stream", k) for k in ONLINE_KNOBS},
 }
 
-
-def format_validation_error(err: ValidationError, *, prefix: str = "", source: str = "") -> str:
-    """One line for the first error: ``source: field.path: rule (got value)``."""
-    return format_validation_errors(err, prefix=prefix, source=source)[0]
-
-
-def format_validation_errors(
-    err: ValidationError, *, prefix: str = "", source: str = ""
-) -> list[str]:
-    """One line per error: ``source: field.path: rule (got value)``.
-
-    A validator that found several problems in one field (a search space) puts one per line
-    in its message; each becomes a line of its own.
-    """
-    head = f"{source}: " if source else ""
-    lines: list[str] = []
-    for error in err.errors():
-        loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *error["loc"]))
-        for msg in _error_message(err.title, error).splitlines():
-            lines.append(f"{head}{loc}: {msg}")
-    return lines
-
-
-def _error_message(title: str, error: Any) -> str:
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        model = _model_at(title, error["loc"])
-        valid = list(model.model_fields) if model is not None else []
-        near = difflib.get_close_matches(str(error["loc"][-1]), valid, n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        return f"unknown key{hint}; valid keys: {', '.join(valid) or 'see docs'}"
-    if kind == "missing":
-        return "required field is missing"
-    msg = str(error["msg"]).removeprefix("Value error, ")
-    if kind == "literal_error":
-        msg = msg.replace("Input should be", "must be one of")
-    value = error.get("input")
-    if "input" in error and not isinstance(value, dict | list):
-        msg += f" (got {value!r})"
-    elif isinstance(value, dict | list) and kind.endswith(("_type", "_parsing")):
-        msg += f" (got a {'list' if isinstance(value, list) else 'mapping'})"
-    return msg
-
-
-_MODELS: dict[str, type[BaseModel]] = {}
-
-
-def _model_at(root_title: str, loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """Walk the pydantic model tree along ``loc`` (minus the last key) to list valid keys."""
-    model: Any = _MODELS.get(root_title)
-    for part in loc[:-1]:
-        if model is None:
-            return None
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        model = _pydantic_model_in(field.annotation)
-    return model
-
-
-def _pydantic_model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _pydantic_model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def register_schema(model: type[BaseModel]) -> None:
-    """Let :func:`format_validation_error` list valid keys for errors raised by ``model``."""
-    _MODELS[model.__name__] = model
-
-
-register_schema(RunConfig)
+register_schema(RunConfig)  # unknown keys in a run config are answered with the valid ones
 
 
 def parse_run_config(data: dict[str, Any]) -> RunConfig:
@@ -427,88 +352,3 @@ def parse_run_config(data: dict[str, Any]) -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, prefix="run")) from None
-
-
-def with_absolute_paths(cfg: RunConfig, base: Path) -> RunConfig:
-    """A copy of ``cfg`` whose relative local paths are resolved against ``base``.
-
-    Ray Tune runs each trial with its trial folder as working directory, so a search resolves
-    paths on the driver first: data files, local dataset folders, local model or tokenizer
-    folders and the pretrain cache. Hub names (no such local path) are left alone.
-    """
-
-    def local(value: str) -> str:
-        p = Path(value).expanduser()
-        return value if p.is_absolute() else str((base / p).resolve())
-
-    def maybe_local(value: str | None) -> str | None:
-        if value is None or Path(value).is_absolute() or not (base / value).exists():
-            return value
-        return local(value)
-
-    def domain(d: DomainConfig) -> DomainConfig:
-        return d.model_copy(
-            update={
-                "files": [local(f) for f in d.files] if d.files else d.files,
-                "path": maybe_local(d.path) if d.source == "hf" else d.path,
-            }
-        )
-
-    model = cfg.model.model_copy(
-        update={
-            "name": cfg.model.name if cfg.model.name == "tiny-gpt" else maybe_local(cfg.model.name),
-            "tokenizer": maybe_local(cfg.model.tokenizer),
-        }
-    )
-    if model.pretrain is not None:
-        model = model.model_copy(
-            update={
-                "pretrain": model.pretrain.model_copy(
-                    update={
-                        "cache_dir": local(model.pretrain.cache_dir),
-                        "domain": domain(model.pretrain.domain),
-                    }
-                )
-            }
-        )
-    stream = cfg.stream.model_copy(
-        update={
-            "tasks": [domain(t) for t in cfg.stream.tasks],
-            "retain": [domain(r) for r in cfg.stream.retain],
-        }
-    )
-    return cfg.model_copy(update={"model": model, "stream": stream})
-
-
-def with_local_inputs(cfg: RunConfig, base: Path) -> RunConfig:
-    """A copy of ``cfg`` whose relative input paths are resolved against ``base`` (the
-    experiment file's folder): data files always; a dataset, model or tokenizer folder when
-    one exists there (else it is a hub name). Output folders (``cache_dir``) are left alone."""
-
-    def folder(value: str | None) -> str | None:
-        if value is None or Path(value).is_absolute() or not (base / value).exists():
-            return value
-        return str((base / value).resolve())
-
-    def inputs(d: DomainConfig) -> DomainConfig:
-        files = [str((base / f).resolve()) if not Path(f).is_absolute() else f
-                 for f in (str(Path(f).expanduser()) for f in d.files or [])]
-        path = folder(d.path) if d.source == "hf" and d.path else d.path
-        return d.model_copy(update={"files": files or d.files, "path": path})
-
-    model = cfg.model.model_copy(
-        update={
-            "name": cfg.model.name if cfg.model.name == "tiny-gpt" else folder(cfg.model.name),
-            "tokenizer": folder(cfg.model.tokenizer),
-        }
-    )
-    if model.pretrain is not None:
-        pretrain = model.pretrain.model_copy(update={"domain": inputs(model.pretrain.domain)})
-        model = model.model_copy(update={"pretrain": pretrain})
-    stream = cfg.stream.model_copy(
-        update={
-            "tasks": [inputs(t) for t in cfg.stream.tasks],
-            "retain": [inputs(r) for r in cfg.stream.retain],
-        }
-    )
-    return cfg.model_copy(update={"model": model, "stream": stream})

@@ -47,23 +47,20 @@ from adaptune.trainables.cost import CostMeter
 from adaptune.trainables.data import TaskData
 from adaptune.trainables.drift import DriftDetector, check_river
 from adaptune.trainables.errors import ConfigError
+from adaptune.trainables.evaluation import _evaluate_row, _task_metrics, evaluate
 from adaptune.trainables.metrics import drift_metrics, prequential_metrics
 from adaptune.trainables.run import (
     Prepared,
     Reporter,
     _autocast,
-    _checkpoint,
-    _evaluate_row,
     _optimizer,
-    _restore,
     _start,
     _task_context,
-    _task_metrics,
-    evaluate,
     pick_device,
     train_blocks,
 )
 from adaptune.trainables.schedule import history_metrics, record_task
+from adaptune.trainables.state import _checkpoint, _restore
 from torch import nn
 
 STATE_FILE = "online.json"  # in each checkpoint: the scores, updates and detector so far

@@ -3,7 +3,9 @@
 ``prepare(cfg)`` does everything that can fail on user input (tokenizer, model, data) and
 nothing else; ``run_stream(prepared, report=...)`` trains task after task and calls ``report``
 once per task with the metrics and a checkpoint directory. The Ray Tune trainable and the
-standalone ``adaptune train`` differ only in ``report``.
+standalone ``adaptune train`` differ only in ``report``. What is measured after each task is in
+:mod:`trainables.evaluation`; how a checkpoint is written and restored, in
+:mod:`trainables.state`.
 """
 
 from __future__ import annotations
@@ -19,27 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from adaptune.trainables.checkpoint import (
-    Progress,
-    load_optimizer_state,
-    load_progress,
-    load_state,
-    save_checkpoint,
-    split_state,
-)
+from adaptune.trainables.checkpoint import Progress, load_progress
 from adaptune.trainables.components import (
-    ARTIFACTS_DIR,
     Component,
     TaskContext,
     build_components,
     component_metrics,
-    states,
 )
 from adaptune.trainables.config import RunConfig
 from adaptune.trainables.cost import CostMeter
 from adaptune.trainables.data import TaskData, build_retain, build_stream, build_task
 from adaptune.trainables.errors import ConfigError, TrainingDivergedError
-from adaptune.trainables.metrics import retain_metrics, stream_metrics, task_forgetting
+from adaptune.trainables.evaluation import _evaluate_row, _task_metrics
 from adaptune.trainables.model import (
     TINY,
     build_model,
@@ -57,6 +50,7 @@ from adaptune.trainables.schedule import (
     record_task,
     set_optimizer_values,
 )
+from adaptune.trainables.state import _checkpoint, _restore
 from adaptune.trainables.update import (
     apply_update,
     check_update,
@@ -113,21 +107,6 @@ def pick_device(cfg: RunConfig) -> torch.device:
     if cfg.hardware.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.hardware.device)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, blocks: Tensor, batch_size: int, device: torch.device) -> float:
-    """Mean next-token loss (nats/token) over ``blocks`` (M, T)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, blocks.shape[0], batch_size):
-        x = blocks[i : i + batch_size].to(device)
-        n = x.shape[0] * (x.shape[1] - 1)
-        total += float(next_token_loss(model(input_ids=x).logits, x)) * n
-        count += n
-    model.train(was_training)
-    return total / count
 
 
 def _lr_lambda(cfg: RunConfig, steps: int) -> Callable[[int], float]:
@@ -424,64 +403,6 @@ def _task_boundary(
     return model, params, opt, replace(ctx, model=model)
 
 
-def _restore(
-    path: Path,
-    cfg: RunConfig,
-    comps: dict[str, Component],
-    opt: torch.optim.Optimizer,
-    gen: torch.Generator,
-) -> None:
-    """Components, optimizer and both RNGs as the checkpoint at ``path`` left them, with
-    ``cfg``'s settings: the checkpoint may come from another trial (a PBT exploit) or an
-    earlier task of a schedule, and its optimizer state carries that run's lr."""
-    state = load_state(path)
-    for name, comp in comps.items():
-        part = split_state(state, name)
-        if part:  # one that was off when the checkpoint was written starts afresh
-            comp.load_state_dict(part)
-    opt.load_state_dict(load_optimizer_state(path))  # puts back the writer's lr, weight_decay
-    set_optimizer_values(opt, cfg)  # so the current config's are written over them
-    torch.set_rng_state(state["rng.torch"])
-    gen.set_state(state["rng.data"])
-
-
-def _checkpoint(
-    path: Path,
-    prep: Prepared,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    comps: dict[str, Component],
-    gen: torch.Generator,
-    progress: Progress,
-) -> Path:
-    """Everything :func:`_start` and :func:`_restore` need to continue exactly from here."""
-    state = states(comps)
-    state["rng.torch"] = torch.get_rng_state()
-    state["rng.data"] = gen.get_state()
-    save_checkpoint(
-        path, model=model, tokenizer=prep.tokenizer, optimizer=opt, state=state, progress=progress
-    )
-    for name, comp in comps.items():  # texts about the task; a resume does not read them
-        for file, text in comp.artifacts().items():
-            (path / ARTIFACTS_DIR / name).mkdir(parents=True, exist_ok=True)
-            (path / ARTIFACTS_DIR / name / file).write_text(text, encoding="utf-8")
-    return path
-
-
-def _evaluate_row(
-    prep: Prepared, model: nn.Module, device: torch.device, progress: Progress
-) -> None:
-    """Append the loss on every task (and on the pretrain and retain domains) to ``progress``."""
-    batch_size = prep.cfg.eval_batch_size
-    progress.loss_matrix.append([evaluate(model, t.eval, batch_size, device) for t in prep.tasks])
-    if prep.base is not None:
-        progress.base_losses.append(evaluate(model, prep.base.eval, batch_size, device))
-    if prep.retain:
-        progress.retain_losses.append(
-            [evaluate(model, r.eval, batch_size, device) for r in prep.retain]
-        )
-
-
 def _batch_order(
     cfg: RunConfig, n_train: int, n_cur: int, gen: torch.Generator
 ) -> tuple[int, Tensor]:
@@ -490,23 +411,3 @@ def _batch_order(
     steps = max(1, math.ceil(cfg.optim.epochs * n_train / n_cur))
     perms = math.ceil(steps * n_cur / n_train)
     return steps, torch.cat([torch.randperm(n_train, generator=gen) for _ in range(perms)])
-
-
-def _task_metrics(prep: Prepared, progress: Progress, k: int) -> dict[str, Any]:
-    """Everything reported after task ``k``: objective, CL metrics, per-task losses, and
-    the pretrain and retain domains' losses."""
-    L = progress.loss_matrix
-    metrics: dict[str, Any] = {"task_index": k, **stream_metrics(L, k)}
-    for j, task in enumerate(prep.tasks, start=1):
-        metrics[f"loss/{task.name}"] = L[k][j - 1]
-        metrics[f"ppl/{task.name}"] = math.exp(L[k][j - 1])
-        metrics[f"forgetting/{task.name}"] = task_forgetting(L, k, j)
-    if progress.base_losses:
-        metrics["base_loss"] = progress.base_losses[k]
-        metrics["base_ppl"] = math.exp(progress.base_losses[k])
-        metrics["base_forgetting"] = progress.base_losses[k] - progress.base_losses[0]
-    if prep.retain:
-        metrics |= retain_metrics(progress.retain_losses, k, [r.name for r in prep.retain])
-        metrics["retain_matrix"] = [list(r) for r in progress.retain_losses]
-    metrics["loss_matrix"] = [list(r) for r in L]
-    return metrics

@@ -22,7 +22,8 @@ import difflib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from adaptune.trainables.config import HYPERPARAMETERS, RunConfig, format_validation_error
+from adaptune.trainables.config import HYPERPARAMETERS, RunConfig
+from adaptune.trainables.config_errors import format_validation_error
 from adaptune.trainables.errors import ConfigError
 from pydantic import BaseModel, ValidationError
 
