@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from adaptune.search.confirm import describe_confirm
 from adaptune.search.experiment import Experiment
 from adaptune.search.locations import (
     CHAMPION_ALIAS,
@@ -89,6 +90,7 @@ def describe_search(exp: Experiment, prep: Any) -> str:
         lines.append(warm)
     lines.append(_describe_scheduler(exp, T))
     lines += describe_selection(exp)
+    lines += describe_confirm(exp, T)  # search.confirm: the runs after the trials
     budget = f"{s.time_budget_s:g} s" if s.time_budget_s is not None else "none"
     lines.append(
         f"trials:     {s.num_samples} ({_at_once(exp)}), time budget {budget}, "

@@ -16,13 +16,9 @@ import yaml
 from adaptune.search.stores import DEFAULT_TRACKING_URI
 from adaptune.spaces import check_space
 from adaptune.spaces.paths import set_path
-from adaptune.trainables.config import (
-    HYPERPARAMETERS,
-    RunConfig,
-    format_validation_errors,
-    register_schema,
-    with_local_inputs,
-)
+from adaptune.trainables.config import HYPERPARAMETERS, RunConfig
+from adaptune.trainables.config_errors import format_validation_errors, register_schema
+from adaptune.trainables.config_paths import with_local_inputs
 from adaptune.trainables.errors import ConfigError
 from adaptune.trainables.metrics import direction
 from pydantic import (
@@ -51,6 +47,14 @@ class PBTConfig(_Strict):
     mutate: list[str] | None = None
 
 
+class ConfirmConfig(_Strict):
+    """Re-run the best configurations with more seeds; the champion is the best mean
+    (:mod:`search.confirm`)."""
+
+    top_k: int = Field(3, ge=1)  # configurations re-run: the best by the selection rule
+    seeds: int = Field(3, ge=1)  # further seeds each: the trial's seed + 1 .. + seeds
+
+
 Objective = Literal["min", "max"]
 
 
@@ -77,6 +81,8 @@ class SearchConfig(_Strict):
     warm_start: str | None = None
     warm_start_enqueue: int = Field(0, ge=0)
     pbt: PBTConfig = PBTConfig()
+    # after the trials: the best top_k configurations run again with `seeds` more seeds each
+    confirm: ConfirmConfig | None = None
     # Ray retries a failed trial from its last checkpoint this many times. Ray counts every
     # failure, so a divergence fails again on each retry (resumed with the same RNG state; it
     # costs at most one task); no -1 (Ray's "forever"), which would loop on such a trial.

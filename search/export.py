@@ -1,14 +1,14 @@
 """``adaptune export``: the winner of a search as a runnable experiment with fixed values.
 
-The search is found in MLflow by its name (``--name``, else the experiment's: its latest
-FINISHED parent run of that name), by MLflow experiment name (its latest FINISHED search), or by
-run id (a parent run, or one trial's child run to export that trial). The winner is the parent's
-champion (tag ``adaptune.champion_trial_id``), else its best FINISHED trial by the search's
-objective. Its searched values are written into ``run`` of the experiment YAML logged on the
-parent run, ``space`` is emptied, and ``run.hardware`` is pinned to the CPU threads (and CPU
-device) the trial ran with, so ``adaptune train best.yaml`` reproduces the trial's losses on the
-same machine. A PBT/PB2 trial's values come from its ``lineage.json`` instead (its params are
-the values it started with), the mutated ones per task as ``run.schedule`` (:mod:`search.pbt`).
+The search is found in MLflow (:mod:`search.search_runs`) by its name (``--name``, else the
+experiment's: its latest FINISHED parent run of that name), by MLflow experiment name (its latest
+FINISHED search), or by run id (a parent run, or one trial's child run to export that trial). The
+winner is the parent's champion (tag ``adaptune.champion_trial_id``), else its best FINISHED trial
+by the search's objective. Its searched values are written into ``run`` of the experiment YAML
+logged on the parent run, ``space`` is emptied, and ``run.hardware`` is pinned to the CPU threads
+(and CPU device) the trial ran with, so ``adaptune train best.yaml`` reproduces the trial's losses
+on the same machine. A PBT/PB2 trial's values come from its ``lineage.json`` instead (its params
+are the values it started with), the mutated ones per task as ``run.schedule`` (:mod:`search.pbt`).
 
 Example:
     >>> path, winner = export_best("quickstart", out="best.yaml")  # doctest: +SKIP
@@ -31,14 +31,22 @@ from typing import Any
 import yaml
 from adaptune.search.experiment import Experiment, experiment_yaml, parse_experiment
 from adaptune.search.pbt import Lineage, apply_lineage, is_population, read_lineage
+from adaptune.search.search_runs import (
+    _all_runs,
+    _client,
+    _get_run,
+    find_named_search,
+    read_experiment,
+)
 from adaptune.search.select import Rule, checked_rule, pick_trial, search_rule
-from adaptune.search.stores import DEFAULT_TRACKING_URI, check_tracking_server, existing_store
+from adaptune.search.stores import DEFAULT_TRACKING_URI
 from adaptune.search.tags import (
     CHAMPION_TAG,
+    CONFIRM_TAG,
+    CONFIRMED_TAG,
     CUDA_TAG,
     KIND_SEARCH,
     KIND_TAG,
-    OPTUNA_STUDY_TAG,
     PARENT_TAG,
     TASKS_DONE_TAG,
     THREADS_TAG,
@@ -48,7 +56,6 @@ from adaptune.spaces import Dist
 from adaptune.spaces.paths import get_hp, set_hp
 from adaptune.trainables.errors import ConfigError
 
-EXPERIMENT_ARTIFACT = "experiment.yaml"  # the resolved experiment, logged on the parent run
 _RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids
 
 
@@ -67,113 +74,6 @@ class Winner:
     device: str  # the run.hardware.device written to best.yaml
 
 
-def _client(tracking_uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    check_tracking_server(tracking_uri)  # one line now, not minutes of MLflow's retries
-    return MlflowClient(tracking_uri=existing_store(tracking_uri))
-
-
-def _all_runs(client: Any, experiment_ids: list[str], filter_string: str) -> list[Any]:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            experiment_ids, filter_string=filter_string, max_results=1000, page_token=token
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _search_runs(client: Any, experiment_ids: list[str], extra: str = "") -> list[Any]:
-    """The parent runs of searches in ``experiment_ids`` (``extra``: more filter clauses)."""
-    where = f"tags.`{KIND_TAG}` = '{KIND_SEARCH}'{extra}"
-    return [r for r in _all_runs(client, experiment_ids, where) if PARENT_TAG not in r.data.tags]
-
-
-def _latest_finished(parents: list[Any], what: str) -> Any:
-    finished = [r for r in parents if r.info.status == "FINISHED"]
-    if not finished:
-        seen = ", ".join(sorted({r.info.status for r in parents})) or "none"
-        raise ConfigError(
-            f"{what} holds no FINISHED search (search runs found: {len(parents)}, statuses: "
-            f"{seen}); pass --run-id to export from an unfinished one"
-        )
-    return max(finished, key=lambda r: (r.info.start_time or 0, r.info.run_id))
-
-
-def find_search(client: Any, experiment_name: str) -> Any:
-    """The latest FINISHED parent run of the MLflow experiment ``experiment_name``.
-
-    Raises:
-        ConfigError: no such experiment, or no finished search in it.
-    """
-    found = client.get_experiment_by_name(experiment_name)
-    if found is None:
-        names = sorted(e.name for e in client.search_experiments())
-        valid = f"; experiments in this store: {', '.join(names)}" if names else ""
-        raise ConfigError(f"no MLflow experiment named {experiment_name!r}{valid}")
-    parents = _search_runs(client, [found.experiment_id])
-    return _latest_finished(parents, f"MLflow experiment {experiment_name!r}")
-
-
-def find_named_search(client: Any, name: str) -> Any:
-    """The latest FINISHED search named ``name`` (``--name``, else the experiment's ``name``)
-    in any MLflow experiment of the store, else the latest of the MLflow experiment ``name``.
-
-    Raises:
-        ConfigError: neither a search nor an MLflow experiment of that name, or nothing
-            FINISHED under it.
-    """
-    ids = [e.experiment_id for e in client.search_experiments()]
-    named = _search_runs(client, ids, f" and tags.`{OPTUNA_STUDY_TAG}` = '{name}'") if ids else []
-    if named:
-        return _latest_finished(named, f"the search {name!r}")
-    if client.get_experiment_by_name(name) is not None:
-        return find_search(client, name)
-    searches = sorted({_search_name(r) for r in _search_runs(client, ids)} if ids else set())
-    valid = f"; searches in this store: {', '.join(searches)}" if searches else ""
-    raise ConfigError(f"no MLflow experiment named {name!r} and no search of that name{valid}")
-
-
-def _search_name(parent: Any) -> str:
-    tags = parent.data.tags
-    return str(tags.get(OPTUNA_STUDY_TAG) or (parent.info.run_name or "?").removeprefix("search-"))
-
-
-def _get_run(client: Any, run_id: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(run_id)
-    except MlflowException:
-        raise ConfigError(f"--run-id: no MLflow run {run_id!r} in this store") from None
-
-
-def read_experiment(client: Any, parent: Any) -> Experiment:
-    """The experiment the search ran, from the YAML artifact on its parent run."""
-    run_id = parent.info.run_id
-    bar = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # one small file: no progress bar on stderr
-    ours = bar not in os.environ  # a value the user set stays
-    os.environ.setdefault(bar, "false")
-    with tempfile.TemporaryDirectory(prefix="adaptune-export-") as tmp:
-        try:
-            local = client.download_artifacts(run_id, EXPERIMENT_ARTIFACT, tmp)
-            text = Path(local).read_text(encoding="utf-8")
-        except Exception:  # noqa: BLE001 - MlflowException or OSError: the artifact is missing
-            raise ConfigError(
-                f"run {run_id}: no {EXPERIMENT_ARTIFACT} artifact; is it an adaptune search run?"
-            ) from None
-        finally:
-            if ours:
-                os.environ.pop(bar, None)
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ConfigError(f"run {run_id}: {EXPERIMENT_ARTIFACT} does not hold a mapping")
-    return parse_experiment(data, source=f"run {run_id}: {EXPERIMENT_ARTIFACT}")
-
-
 def _objective(run: Any, metric: str) -> float | None:
     value = run.data.metrics.get(metric)
     return float(value) if value is not None and math.isfinite(value) else None
@@ -182,8 +82,10 @@ def _objective(run: Any, metric: str) -> float | None:
 def pick_winner(
     client: Any, parent: Any, exp: Experiment, select: Rule | None = None
 ) -> tuple[Any, str]:
-    """The FINISHED trial ``select`` picks (by final metrics); without it the champion's run,
-    else the one the search's rule picks (``search.select`` or its first objective).
+    """The FINISHED trial ``select`` picks (by final metrics); without it the confirmed trial
+    (``search.confirm``: the best mean over seeds) or the champion's run, else the one the
+    search's rule picks (``search.select`` or its first objective). Confirmation runs (a
+    trial's values with another seed) are never picked: they are not the search's trials.
 
     Raises:
         ConfigError: no finished trial with a finite objective, or none meets the rule.
@@ -192,16 +94,18 @@ def pick_winner(
     children = _all_runs(
         client, [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'"
     )
+    children = [r for r in children if r.data.tags.get(CONFIRM_TAG) != "true"]
     metric = exp.search.primary_metric
     finished = [
         r
         for r in children
         if r.info.status == "FINISHED" and _objective(r, metric) is not None
     ]
-    champion = parent.data.tags.get(CHAMPION_TAG)
+    confirmed = parent.data.tags.get(CONFIRMED_TAG)  # search.confirm's pick
+    champion = confirmed or parent.data.tags.get(CHAMPION_TAG)
     for run in finished:
         if select is None and champion is not None and run.data.tags.get(TRIAL_TAG) == champion:
-            return run, "champion"
+            return run, "champion, best mean over seeds" if confirmed else "champion"
     if not finished:
         raise ConfigError(
             f"search run {parent_id} has no FINISHED trial with a {metric} value "

@@ -30,6 +30,8 @@ class TrialRow:
     # every finite number of the trial's last result (what a selection rule reads)
     metrics: dict[str, float] = field(default_factory=dict)
     pareto: bool = False  # multi-objective: on the Pareto front (:mod:`search.pareto`)
+    # search.confirm: the configuration over seeds (:class:`search.confirm.ConfirmStats`)
+    confirmed: Any = None
 
 
 @dataclass
@@ -95,7 +97,10 @@ def format_table(
         r.retain_forgetting is not None for r in rows
     )
     multi = len(objectives) > 1
-    head = ["rank", "trial", *objectives, *(["pareto"] if multi else []), "tasks", "status", *names]
+    confirmed = any(r.confirmed is not None for r in rows)  # search.confirm: mean±std (runs)
+    head = ["rank", "trial", *objectives, *(["pareto"] if multi else [])]
+    head += ["mean±std (n)"] if confirmed else []
+    head += ["tasks", "status", *names]
     head += ["retain_forgetting"] if retain else []
     head += ["params", "rss_mb", *(["gpu_mb"] if gpu else [])]
     body = [
@@ -103,6 +108,7 @@ def format_table(
             str(i),
             r.trial_id,
             *(_objective_cells(r, objectives)),
+            *([r.confirmed.text() if r.confirmed is not None else "-"] if confirmed else []),
             str(r.tasks_done),
             r.status,
             *(_fmt(r.params[n]) for n in names),
@@ -127,6 +133,12 @@ def _objective_cells(r: TrialRow, objectives: list[str]) -> list[str]:
         return [f"{r.value:.4f}" if r.value is not None else "-"]
     values = [r.metrics.get(m) for m in objectives]
     return [f"{v:.4f}" if v is not None else "-" for v in values] + ["*" if r.pareto else ""]
+
+
+def _confirm_cells(r: TrialRow) -> list[str]:
+    """A row's ``<metric>_mean``, ``_std`` and ``_n`` csv cells (empty when not confirmed)."""
+    stats = r.confirmed
+    return ["", "", ""] if stats is None else [repr(stats.mean()), repr(stats.std()), str(stats.n)]
 
 
 def _fmt(v: Any) -> str:
@@ -198,11 +210,14 @@ def log_summary(
     names = list(rows[0].params) if rows else []
     costs = ["params_trainable", "params_total", "peak_rss_mb", "peak_gpu_mb"]
     objectives = [*s.metrics, "pareto"] if s.multi_objective else [metric]
+    confirm = [r.confirmed.metric for r in rows if r.confirmed is not None][:1]  # search.confirm
+    objectives += [f"{confirm[0]}_{x}" for x in ("mean", "std", "n")] if confirm else []
     buf.write(",".join(["trial_id", *objectives, "tasks_done", "status", *names, *costs]) + "\n")
     for r in rows:
         values = [r.metrics.get(m) for m in s.metrics] if s.multi_objective else [r.value]
         cells = [r.trial_id, *("" if v is None else repr(v) for v in values)]
         cells += [str(r.pareto).lower()] if s.multi_objective else []
+        cells += _confirm_cells(r) if confirm else []
         cells += [str(r.tasks_done), r.status]
         cells += [str(r.params[n]) for n in names]
         cells += ["" if getattr(r, c) is None else str(getattr(r, c)) for c in costs]

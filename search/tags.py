@@ -61,3 +61,10 @@ WARM_SEARCH_ATTR = "adaptune.warm_start.search"  # the earlier search's name
 WARM_RUN_ATTR = "adaptune.warm_start.run_id"  # the earlier search's parent run id
 WARM_TRIAL_ATTR = "adaptune.warm_start.trial"  # given as it ran: the earlier trial's number
 WARM_ENQUEUED_ATTR = "adaptune.warm_start.enqueued"  # run again first: the earlier trial's number
+
+# -- confirmation over seeds (``search.confirm``) ------------------------------------------------
+KIND_CONFIRM = "confirm"  # KIND_TAG of a child run that re-runs a trial's values with a new seed
+CONFIRM_TAG = "adaptune.confirm"  # "true" on such a run
+CONFIRM_OF_TAG = "adaptune.confirm_of"  # the trial whose values it re-runs
+SEED_TAG = "adaptune.seed"  # the run.seed it trained with
+CONFIRMED_TAG = "adaptune.confirmed_trial"  # parent run: the trial with the best mean over seeds

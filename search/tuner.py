@@ -5,7 +5,8 @@ data, model, output directory), then starts Ray, fits, and publishes the champio
 that ran every task picked by ``search.select`` (default: the best on the first objective;
 :mod:`search.select`) -> its final checkpoint's ``model/`` -> an MLflow transformers model on
 the search's parent run, registered with alias ``champion``. A multi-objective search also gets
-its Pareto front on the parent run (:mod:`search.pareto`).
+its Pareto front on the parent run (:mod:`search.pareto`). With ``search.confirm`` the best
+configurations first run again with more seeds and the best mean wins (:mod:`search.confirm`).
 
 Example:
     >>> from adaptune.search.experiment import load_experiment
@@ -24,6 +25,7 @@ from typing import Any
 
 from adaptune.search.champion import publish_champion
 from adaptune.search.checks import check_search, check_search_folder
+from adaptune.search.confirm_run import ConfirmRunner
 from adaptune.search.experiment import Experiment, experiment_yaml
 from adaptune.search.local_ray import start_ray
 from adaptune.search.locations import (
@@ -373,15 +375,17 @@ def _search(
         if started:
             ray.shutdown()
         raise
-    # Nothing below needs Ray (results, checkpoints and the study are files): shutting the
-    # local cluster down (waiting for its processes) overlaps the champion's upload.
+    # Once the confirmation runs (search.confirm) are done, nothing needs Ray (results,
+    # checkpoints and the study are files): shutting the local cluster down (waiting for its
+    # processes) overlaps the champion's upload.
     shutdown = threading.Thread(target=ray.shutdown, name="adaptune-ray-shutdown")
-    if started:
-        shutdown.start()
+    confirm = ConfirmRunner(trainable, quiet=quiet, release_ray=shutdown.start if started else None)
     try:
-        return _finish_search(exp, results, callback, searcher, study)
+        return _finish_search(exp, results, callback, searcher, study, confirm)
     finally:
         if started:
+            if shutdown.ident is None:  # _finish_search returned before the confirmation
+                shutdown.start()
             shutdown.join()
 
 
@@ -391,8 +395,9 @@ def _finish_search(
     callback: MlflowTrackingCallback,
     searcher: ContinualOptunaSearch | None,
     study: Any,
+    confirm: ConfirmRunner,
 ) -> SearchSummary:
-    """After ``fit()``: the summary on the parent run, then the champion."""
+    """After ``fit()``: the confirmation runs, the summary on the parent run, the champion."""
     location = search_location(exp)
     rows = trial_rows(exp, results)
     summary = SearchSummary(rows=rows, parent_run_id=callback.start_parent(),
@@ -409,9 +414,10 @@ def _finish_search(
             f"{dangling} Optuna trial(s) left running (time budget, or lost with a killed "
             "driver): told PRUNED"
         )
+    confirmed = confirm(exp, rows, results, callback, summary.notes)  # then releases Ray
     log_summary(callback, exp, rows, study, summary.notes)
     log_population(callback, exp)  # PBT/PB2: Ray's exploit log
-    best = champion_row(exp.search, rows, summary.notes)
+    best = confirmed or champion_row(exp.search, rows, summary.notes)
     summary.best = best
     if exp.search.multi_objective:
         log_pareto(callback, exp, rows, best.trial_id if best is not None else None)
