@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/search_algorithms.py [--seeds 0 1 2] [--quick]
 
 The stream: the tiny GPT of experiments/quickstart.yaml on three domains of ``../shared/data``
-(Shakespeare -> AG News -> medical abstracts), 32,768 training tokens per task; a 4th domain
+(Shakespeare -> AG News -> medical abstracts), 16,384 training tokens per task; a 4th domain
 (WikiText-2) for the warm-start part. The space is the quickstart's (lr, buffer_size,
 replay_fraction, ewc_lambda, distill_alpha); PBT mutates the four of them that may change between
 tasks and samples ``buffer_size`` once per trial. Every search runs through ``adaptune search``'s
@@ -15,13 +15,13 @@ Fixed before any run, the same for every variant:
 - **PBT vs TPE + ASHA at equal trained tokens.** PBT: a population of 8, perturbation after every
   task, quantile 0.25. Its compute is what its trials trained (tokens of every task each trial
   ran, replayed rows included; a trial that copied a donor does not count the donor's tokens).
-  TPE + ASHA (adaptune's default: grace 1, reduction factor 2) runs 24 trials; it is read at
+  TPE + ASHA (adaptune's default: grace 1, reduction factor 2) runs 20 trials; it is read at
   PBT's compute of the same seed: the best final ``stream_loss`` among its trials that ran every
   task and had finished when the search's cumulative trained tokens (trials in the order they
   finished) first reached that budget. Statistic: per seed, ``best(PBT) - best(TPE+ASHA)``;
   "PBT better" only when all three paired differences are negative, "worse" when all are
   positive, "no difference shown" otherwise.
-- **Warm vs cold TPE on the extended stream** (the 3 domains + WikiText). Cold: TPE + ASHA, 24
+- **Warm vs cold TPE on the extended stream** (the 3 domains + WikiText). Cold: TPE + ASHA, 20
   trials. Warm: the same, warm-started from that seed's 3-domain TPE + ASHA search above
   (``search.warm_start``, its best 2 configurations enqueued first). Target: within 0.01 nats of
   the cold search's best final ``stream_loss``; compute to target: the cumulative trained tokens
@@ -158,8 +158,8 @@ def best(trials: list[dict[str, Any]]) -> float | None:
 
 
 def run_seed(seed: int, root: Path, quick: bool) -> dict[str, Any]:
-    tokens = 8192 if quick else 32768
-    pop, n = (4, 6) if quick else (8, 24)
+    tokens = 8192 if quick else 16384
+    pop, n = (4, 6) if quick else (8, 20)
     three = ["shakespeare", "news", "medical"]
     four = [*three, "wiki"]
     pbt = {"algorithm": "pbt", "num_samples": pop,
@@ -206,7 +206,7 @@ def _f(v: Any, spec: str = ".4f") -> str:
 def table(summary: dict[str, Any]) -> str:
     lines = [
         "| seed | budget (tokens) | PBT best | TPE+ASHA best at budget | PBT − TPE+ASHA | "
-        "TPE+ASHA best, all 24 trials (tokens) |",
+        "TPE+ASHA best, all trials (tokens) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in summary["rows"]:
