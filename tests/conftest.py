@@ -6,6 +6,9 @@ The environment variables are set at import time, before any test module imports
 
 Test modules import the plain helpers by name (``from conftest import tiny_experiment``):
 pytest's default ``prepend`` import mode puts ``tests/`` on ``sys.path``.
+
+In-process searches share one local Ray (the ``shared_ray`` fixture) instead of starting and
+stopping one each; Ray runs only through the test modules that ask for it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,109 @@ SHARED_DATA = Path(
     os.environ.get("ADAPTUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
 )
 GPT2_TOKENIZER_DIR = SHARED_DATA / "tokenizers" / "gpt2"
+
+
+# -- one local Ray for the in-process searches ---------------------------------------------------
+class _SharedRay:
+    """The local Ray this conftest started, if it runs (``ray.init`` takes seconds)."""
+
+    running = False
+    home: Path | None = None  # its processes' working directory (a new temporary folder)
+    modules: frozenset[Path] = frozenset()  # the test files with a test that asks for it
+
+
+def _ray_is_idle(timeout_s: float) -> bool:
+    """Whether the running Ray answers and, within ``timeout_s``, has every CPU and GPU free
+    again (the previous search's trial actors let theirs go once it has returned)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            total, free = ray.cluster_resources(), ray.available_resources()
+            if total.get("CPU") and all(
+                free.get(key, 0.0) >= total[key] for key in ("CPU", "GPU") if key in total
+            ):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - a dead cluster: started afresh
+        return False
+
+
+def _stop_shared_ray() -> None:
+    import ray
+
+    if _SharedRay.running:
+        _SharedRay.running = False
+        ray.shutdown()
+
+
+def _start_shared_ray() -> None:
+    """A local Ray as ``search.local_ray.start_ray`` starts one for ``adaptune search`` (the
+    environment its processes inherit, its CPU count, no dashboard; the driver's imports
+    meanwhile), unless it runs already and is healthy. Not ``start_ray`` itself: it would also
+    create an MLflow store for no search."""
+    import ray
+    from adaptune.search.local_ray import LOCAL_RAY_ENV, local_cpu_count
+    from adaptune.search.preload import NEEDED_AFTER_INIT, preload_thread
+
+    if ray.is_initialized():
+        if _SharedRay.running and _ray_is_idle(timeout_s=20.0):
+            return
+        # left broken or busy by the test before, or a Ray some test started itself
+        ray.shutdown()
+        _SharedRay.running = False
+    if _SharedRay.home is None:
+        _SharedRay.home = Path(tempfile.mkdtemp(prefix="adaptune-shared-ray-"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)  # inherited by the processes ray.init starts
+    cwd = Path.cwd()
+    os.chdir(_SharedRay.home)  # Ray's processes keep the working directory of ray.init
+    preload = preload_thread(NEEDED_AFTER_INIT)
+    try:
+        ray.init(num_cpus=local_cpu_count(), include_dashboard=False)
+        _SharedRay.running = True
+    finally:
+        preload.join()
+        os.chdir(cwd)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _SharedRay.modules = frozenset(i.path for i in items if "shared_ray" in i.fixturenames)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before a test's fixtures: a test that asks for ``shared_ray`` gets it running and idle; a
+    test file where none asks runs without it (such tests start their own Ray, or check that
+    nothing started one)."""
+    if "shared_ray" in item.fixturenames:
+        _start_shared_ray()
+    elif item.path not in _SharedRay.modules:
+        _stop_shared_ray()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _stop_shared_ray()
+    if _SharedRay.home is not None:
+        shutil.rmtree(_SharedRay.home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_ray() -> None:
+    """One local Ray, running during each test that asks for this (directly or through its
+    fixtures), started the way ``adaptune search`` starts a local one.
+
+    ``run_search`` finds Ray running and leaves it running, so in-process searches skip
+    ``ray.init`` and its shutdown. It stays up through the following tests of the same file and
+    of the files right after that ask for it too; a file with no test asking for it never sees
+    it. Before each test that asks, a Ray left broken, or with CPUs still held, is restarted.
+    A test that needs a Ray of its own (counts its startup output, makes ``ray.init`` fail,
+    kills the driver) does not ask for this one.
+    """
 
 
 @pytest.fixture(scope="session")

@@ -55,12 +55,13 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_quickstart_trains_and_prints_the_loss_matrix(tmp_path: Path) -> None:
-    # The quickstart file as shipped, with an eighth of its training tokens to keep the suite
-    # short (the full run's time is in docs/benchmarks.md).
+    # The quickstart file as shipped, with two optimizer steps per task and a quarter of its
+    # evaluation blocks to keep the suite short (the full run's time is in docs/benchmarks.md).
     out = tmp_path / "qs"
     proc = run_cli(
         "train", str(ROOT / "experiments/quickstart.yaml"), "--out", str(out),
-        "--set", "run.stream.max_train_tokens=16384", cwd=tmp_path,
+        "--set", "run.stream.max_train_tokens=4096", "--set", "run.stream.max_eval_blocks=8",
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert "loss matrix" in proc.stdout

@@ -263,7 +263,7 @@ TINY = tiny_experiment(
 
 @pytest.mark.slow
 def test_exported_winner_reproduces_its_stream_loss(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, shared_ray: None
 ) -> None:
     import torch
 

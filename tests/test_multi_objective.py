@@ -264,7 +264,9 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "path": path, "data": data}
 
 
-def test_multi_objective_search_end_to_end(searched: dict[str, Any], capsys) -> None:
+def test_multi_objective_search_end_to_end(
+    searched: dict[str, Any], capsys: pytest.CaptureFixture[str], shared_ray: None
+) -> None:
     root, path = searched["root"], searched["path"]
     assert main(["search", str(path), "--dry-run"]) == 0
     dry = capsys.readouterr().out

@@ -81,7 +81,7 @@ def test_each_update_mode_adapts_stories260k_and_reports_retention(
 
 @pytest.mark.slow
 def test_lora_search_on_stories260k_serves_its_champion_from_the_alias(
-    stories_exp: Path, monkeypatch: pytest.MonkeyPatch
+    stories_exp: Path, monkeypatch: pytest.MonkeyPatch, shared_ray: None
 ) -> None:
     monkeypatch.chdir(stories_exp)
     exp = _experiment(stories_exp, "lora", num_samples=2, scheduler="fifo",

@@ -32,7 +32,9 @@ EXPERIMENT = tiny_experiment(
 
 
 @pytest.mark.slow
-def test_search_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_search_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, shared_ray: None
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     write_experiment(tmp_path / "e2e.yaml", EXPERIMENT)

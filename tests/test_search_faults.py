@@ -98,7 +98,10 @@ def faulty_trainable(experiment_dir: Path, marker: Path) -> Any:
 
 @pytest.mark.slow
 def test_search_survives_an_error_a_nan_and_a_killed_worker(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    shared_ray: None,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     write_experiment(tmp_path / "faults.yaml", FAULTS)

@@ -31,7 +31,7 @@ TINY = tiny_experiment(
 
 @pytest.mark.slow
 def test_searches_of_one_file_share_an_mlflow_experiment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, shared_ray: None
 ) -> None:
     monkeypatch.chdir(tmp_path)
     write_experiment(tmp_path / "names.yaml", TINY)

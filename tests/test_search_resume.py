@@ -291,10 +291,13 @@ def _children(client: MlflowClient) -> list[Any]:
     return [r for r in runs if PARENT_TAG in r.data.tags]
 
 
-def _wait_for_kill_point(client: MlflowClient, proc: subprocess.Popen[bytes], log: Path) -> None:
-    """Until one trial has finished and another is between tasks 1 and T (MLflow's view), both
-    seen so far >= `settle` seconds: MLflow hears of a result or an end a moment before Tune's
-    experiment snapshot records it, and the test is about the snapshot's view.
+def _wait_for_kill_point(
+    client: MlflowClient, proc: subprocess.Popen[bytes], log: Path
+) -> set[str]:
+    """The run ids frozen between tasks, once one trial has finished and another is between
+    tasks 1 and T (MLflow's view), both seen so far >= `settle` seconds: MLflow hears of a
+    result or an end a moment before Tune's experiment snapshot records it, and the test is
+    about the snapshot's view.
 
     On a fast machine a task lasts less than `settle`, so a trial seen between tasks 1 and T for
     `pause` seconds is frozen there: SIGSTOP to its worker, named by the run's
@@ -329,14 +332,17 @@ def _wait_for_kill_point(client: MlflowClient, proc: subprocess.Popen[bytes], lo
             finished |= r.info.status == "FINISHED" and settled
             midway |= between and settled and run_id in frozen
         if finished and midway:
-            return
+            return set(frozen)
         time.sleep(0.05)
     raise AssertionError(f"no kill point within 240 s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.mark.slow
 def test_sigkilled_search_resumes_without_rerunning_or_duplicating(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    shared_ray: None,  # for the resumed search; the killed driver runs its own cluster
 ) -> None:
     write_experiment(tmp_path / "exp.yaml", EXPERIMENT)
     db = tmp_path / "runs" / "mlflow.db"
@@ -350,7 +356,7 @@ def test_sigkilled_search_resumes_without_rerunning_or_duplicating(
         )
     try:
         client = MlflowClient(f"sqlite:///{db}")
-        _wait_for_kill_point(client, proc, log)
+        frozen = _wait_for_kill_point(client, proc, log)
     finally:
         _kill_tree(proc)
     at_kill = {r.data.tags[TRIAL_TAG]: r for r in _children(client)}
@@ -400,14 +406,18 @@ def test_sigkilled_search_resumes_without_rerunning_or_duplicating(
         if trial_id not in by_trial:  # lost with the driver and adopted under a new id
             continue
         assert starts[trial_id] == 2, starts
-        history = client.get_metric_history(by_trial[trial_id].info.run_id, "task_index")
-        steps = [m.step for m in history]
-        assert steps.count(1) == 1, (trial_id, task, steps)  # task 1 was not trained again
+        run = by_trial[trial_id]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "task_index")]
         assert sorted(set(steps)) == [1, 2, 3]
+        if run.info.run_id not in frozen:
+            # a trial whose last report came after Tune's last snapshot restarts from the
+            # checkpoint that snapshot names, maybe none: MLflow may hold its task 1 twice
+            continue
+        assert steps.count(1) == 1, (trial_id, task, steps)  # task 1 was not trained again
         checked.append(trial_id)
     # the kill point froze a trial between tasks long enough for Tune's snapshot to hold it, so
-    # at least that one resumed under its own id from its checkpoint
-    assert checked, (midway_at_kill, sorted(by_trial))
+    # that one resumed under its own id from its checkpoint
+    assert checked, (midway_at_kill, frozen, sorted(by_trial))
 
     # and the search directory now holds a finished search
     info = json.loads((tmp_path / "runs/ray/resume" / SEARCH_FILE).read_text())

@@ -29,7 +29,7 @@ EXPERIMENT = tiny_experiment(
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> MlflowClient:
+def store(tmp_path_factory: pytest.TempPathFactory, shared_ray: None) -> MlflowClient:
     tmp = tmp_path_factory.mktemp("records")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)

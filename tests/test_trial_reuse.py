@@ -68,7 +68,7 @@ def counting_trainable(out_dir: Path) -> Any:
 
 @pytest.mark.slow
 def test_trials_in_one_worker_free_their_models(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_ray: None
 ) -> None:
     monkeypatch.chdir(tmp_path)
     write_experiment(tmp_path / "reuse.yaml", REUSE)

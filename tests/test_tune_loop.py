@@ -1,21 +1,19 @@
 """Tune's controller loop waits for events (search.tune_loop) instead of polling at 10 Hz.
 
-The real Ray Tune runs the same sleeping trial twice on a local 1-CPU cluster started with the
-environment ``adaptune search`` gives one (``search.local_ray.LOCAL_RAY_ENV``), with Tune's own
-wait and with adaptune's; a callback counts the controller's steps. If Ray moves or renames the
-wait that ``patient_controller`` replaces, both runs take as many steps and the test fails.
+The real Ray Tune runs the same sleeping trial twice on a local cluster started the way
+``adaptune search`` starts one (the ``shared_ray`` fixture: ``search.local_ray.LOCAL_RAY_ENV`` in
+its environment), with Tune's own wait and with adaptune's; a callback counts the controller's
+steps. If Ray moves or renames the wait that ``patient_controller`` replaces, both runs take as
+many steps and the test fails.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
-from adaptune.search.local_ray import LOCAL_RAY_ENV
 from adaptune.search.tune_loop import EVENT_WAIT_S, TUNE_STEP_WAIT_S, patient_controller
 from ray import tune
 from ray.air.execution._internal.actor_manager import RayActorManager
@@ -29,16 +27,6 @@ class StepCounter(tune.Callback):
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
         self.steps += 1
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in LOCAL_RAY_ENV.items():  # as run_search starts a local cluster
-            mp.setenv(key, value)
-        ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 def fit_counting_steps(storage: Path, name: str) -> tuple[int, Any]:
@@ -63,7 +51,7 @@ def fit_counting_steps(storage: Path, name: str) -> tuple[int, Any]:
 
 @pytest.mark.slow
 def test_the_controller_takes_a_step_per_event_not_ten_a_second(
-    tmp_path: Path, local_ray: None
+    tmp_path: Path, shared_ray: None
 ) -> None:
     tune_steps, _ = fit_counting_steps(tmp_path, "tune-wait")
     with patient_controller() as patched:

@@ -3,8 +3,8 @@
 One earlier search (2 tasks, 4 trials) is run once for the module; a search over an extended
 stream (3 tasks) and a narrowed space starts from it by name, is interrupted (SIGINT from its
 second trial) and resumed; the same search resolved by parent run id gives the same trials;
-bad settings are refused with one line before anything is written. One local Ray serves every
-search of the module.
+bad settings are refused with one line before anything is written. The searches run on the
+tests' shared local Ray.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 
 import optuna
 import pytest
-import ray
 from adaptune.search.cli import main
 from adaptune.search.experiment import load_experiment, parse_experiment
 from adaptune.search.tags import (
@@ -52,12 +51,9 @@ def _experiment(root: Path, name: str, **changes: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def earlier(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def earlier(tmp_path_factory: pytest.TempPathFactory, shared_ray: None) -> Any:
     """The earlier search "yesterday": 2 tasks, 4 FIFO trials; its parent run and study."""
     root = tmp_path_factory.mktemp("warm")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     data = _experiment(
         root, "yesterday", run={"stream": {"tasks": [DOCS, CODE]}},
         search={"num_samples": 4, "max_concurrent": 2, "seed": 1},
@@ -67,9 +63,7 @@ def earlier(tmp_path_factory: pytest.TempPathFactory) -> Any:
     study = optuna.load_study(
         study_name="yesterday", storage=f"sqlite:///{root / 'runs/ray/yesterday/optuna.db'}"
     )
-    yield root, summary.parent_run_id, study
-    if started:
-        ray.shutdown()
+    return root, summary.parent_run_id, study
 
 
 def _today(root: Path, name: str, *, hi: float, **search: Any) -> dict[str, Any]:
