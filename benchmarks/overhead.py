@@ -24,7 +24,10 @@
    plain calls, 2 at once in a process pool, with the same threads. Both are timed from
    outside, interpreter start included. ``--rounds`` such pairs, in the order S P | P S ...
    Each round also pairs every trial's own compute in Ray (Tune's ``time_total_s``) with the
-   same trial's plain call.
+   same trial's plain call, both timed to the trial's last report (Tune cannot see the
+   trainable's return); the plain call's time to its return is kept beside it. The figure is
+   the median of the rounds' wall-time ratios (``--rounds``, default 3), with their range; the
+   load average before and after every run is kept with it.
 4. Time to the first trial: from the command's launch to Tune starting the first trial (the
    start time of its MLflow child run, which our callback creates in ``on_trial_start``);
    ``--only startup`` times the steps before it one by one.
@@ -69,6 +72,7 @@ EXPERIMENT = ROOT / "experiments" / "quickstart.yaml"
 def search_command(name: str, tmp: Path, overrides: list[str]) -> list[str]:
     sets = [
         "search.scheduler=fifo",
+        "search.confirm=null",  # the plain side runs the trials only, not their confirm re-runs
         "search.max_concurrent=2",
         f"storage_path={tmp / 'ray'}",
         f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
@@ -129,15 +133,17 @@ def child_runs(tracking_uri: str, name: str) -> list[Any]:
 # ---- the plain baseline (runs in its own interpreter: `overhead.py --plain FILE`) ----------
 
 
-def _plain_one(config: dict[str, Any], threads: int = 1) -> tuple[float, float, float]:
-    """(start, after the imports, end) of one trial as a plain call, epoch seconds."""
+def _plain_one(config: dict[str, Any], threads: int = 1) -> tuple[float, float, float, float]:
+    """(start, after the imports, last report, return) of one trial as a plain call, epoch
+    seconds. The last report is the end point the search's trials are timed to as well."""
     begin = time.time()
     from adaptune.trainables import parse_run_config, prepare, run_stream  # once per worker process
 
     imported = time.time()
+    reported: list[float] = []
     cfg = parse_run_config(config)
-    run_stream(prepare(cfg), report=lambda _m, _c: None, threads=threads)
-    return begin, imported, time.time()
+    run_stream(prepare(cfg), report=lambda _m, _c: reported.append(time.time()), threads=threads)
+    return begin, imported, reported[-1], time.time()
 
 
 def plain(configs_file: Path, workers: int, threads: int = 1) -> None:
@@ -177,10 +183,12 @@ def run_search(tmp: Path, name: str, trials: int, overrides: list[str]) -> dict[
     cmd = search_command(name, tmp, [f"search.num_samples={trials}", *overrides])
     probe = speed_probe()
     log = tmp / f"{name}.log"
+    load_before = os.getloadavg()
     launch, wall, rc = run_timed(cmd, log)
     if rc != 0:
         raise SystemExit(f"adaptune search failed (rc {rc}); see {log}")
-    return _search_figures(tmp, name, trials, launch, wall) | {"probe_s": probe}
+    load = {"loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    return _search_figures(tmp, name, trials, launch, wall) | {"probe_s": probe} | load
 
 
 def _search_figures(
@@ -202,7 +210,9 @@ def _search_figures(
         "between_s": last_end - first_start,
         "after_last_trial_s": launch + wall - last_end,
         "trial_s": statistics.median((r.info.end_time - r.info.start_time) / 1000 for r in runs),
-        # each trial's own compute (Tune's time_total_s: trainable start to last report)
+        # each trial's own compute: Tune's time_total_s, from the first call into the trainable
+        # to its last report (checkpoint persisted, result handed to Tune), without the waits
+        # for the driver between reports; the trainable's return is not visible to Tune
         "compute_s": [r.data.metrics["time_total_s"] for r in runs],
     }
 
@@ -217,10 +227,12 @@ def run_plain(
     cmd += ["--workers", str(workers), "--threads", str(threads)]
     probe = speed_probe()
     log = tmp / f"{name}.log"
+    load_before = os.getloadavg()
     launch, wall, rc = run_timed(cmd, log)
     if rc != 0:
         raise SystemExit(f"plain baseline failed (rc {rc}); see {log}")
-    return _plain_figures(log, configs, launch, wall) | {"name": name, "probe_s": probe}
+    load = {"loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    return _plain_figures(log, configs, launch, wall) | {"name": name, "probe_s": probe} | load
 
 
 def _plain_figures(
@@ -233,8 +245,10 @@ def _plain_figures(
         "first_trial_s": spans["first_start"] - launch,
         "between_s": spans["last_end"] - spans["first_start"],
         "after_last_trial_s": launch + wall - spans["last_end"],
-        "trial_s": statistics.median(e - b for b, _, e in spans["spans"]),
-        "compute_s": [e - imported for _, imported, e in spans["spans"]],  # after the imports
+        "trial_s": statistics.median(e - b for b, *_, e in spans["spans"]),
+        # after the imports to the last report, as Tune's time_total_s times the search's
+        "compute_s": [last - imported for _, imported, last, _ in spans["spans"]],
+        "compute_to_return_s": [e - imported for _, imported, _, e in spans["spans"]],
     }
 
 
@@ -246,13 +260,15 @@ def wall_rounds(
     workers: int = 2,
     threads: int = 1,
     tag: str = "wall",
+    save: Any = None,
 ) -> list[dict[str, Any]]:
     """``rounds`` pairs of (search, plain), in the order S P | P S | S P ...: a machine that
     speeds up or slows down over the minutes favours neither side. The searches use the
     same seed, so TPE proposes the same trials each time, except where a trial after its
     random start-up depends on which trials finished first: that round's search is then
     paired with a plain run of its own trials after it. The plain calls run ``workers`` at
-    once with ``threads`` each, as the search's ``overrides`` run them."""
+    once with ``threads`` each, as the search's ``overrides`` run them; ``save(rounds)``, if
+    given, is called after every round, so a cut-short run keeps its rounds."""
     out: list[dict[str, Any]] = []
     configs: list[dict[str, Any]] | None = None
     for r in range(1, rounds + 1):
@@ -282,7 +298,20 @@ def wall_rounds(
                 "plain": {k: v for k, v in p.items() if k != "configs"},
             }
         )
+        if save is not None:
+            save(out)
     return out
+
+
+def write_parts(path: Path | None, parts: dict[str, Any]) -> None:
+    """Replace ``parts`` (and their summaries) in the results file ``path``, if one is given."""
+    if path is None:
+        return
+    for key in ("side_by_side", "one_at_a_time", "two_at_once"):
+        if key in parts:
+            parts[f"{key}_summary"] = ratio_summary(parts[key])
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(old | parts, indent=1) + "\n")
 
 
 # ---- side by side: the search and the plain calls at once, each on its own core -------------
@@ -457,7 +486,9 @@ def side_by_side(tmp: Path, trials: int, overrides: list[str], rounds: int) -> l
             ],
         }
         logs = {"search": tmp / f"{name}.log", "plain": tmp / f"plain-sbs-{r}.log"}
+        load_before = os.getloadavg()
         done = run_together(cmds, logs)
+        load = {"loadavg_before": load_before, "loadavg_after": os.getloadavg()}
         for side, (_, _, rc, _) in done.items():
             if rc != 0:
                 raise SystemExit(f"{side} failed (rc {rc}); see {logs[side]}")
@@ -475,6 +506,7 @@ def side_by_side(tmp: Path, trials: int, overrides: list[str], rounds: int) -> l
                 "trial_compute_ratio_median": statistics.median(paired),
                 "trial_compute_ratio_range": [min(paired), max(paired)],
                 "cpu_s": {"search": done["search"][3], "plain": done["plain"][3]},
+                **load,
                 "search": {k: v for k, v in s.items() if k != "configs"},
                 "plain": {k: v for k, v in p.items() if k != "configs"},
             }
@@ -815,8 +847,9 @@ def main() -> None:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=2,
-        help="(search, plain) pairs for the wall-time figure, in the order SP PS SP ...",
+        default=3,
+        help="(search, plain) pairs for the wall-time figures, in the order SP PS SP ...; the "
+        "figure is the median of the per-round ratios",
     )
     parser.add_argument(
         "--json",
@@ -898,11 +931,15 @@ def main() -> None:
             parts["where"] = where_check(tmp, 1)
             print_where(parts["where"])
         if args.only in (None, "wall"):
-            parts["two_at_once"] = wall_rounds(tmp, trials, overrides, args.rounds)
+            parts["two_at_once"] = wall_rounds(
+                tmp,
+                trials,
+                overrides,
+                args.rounds,
+                save=lambda rounds: write_parts(args.json, parts | {"two_at_once": rounds}),
+            )
             print_wall(parts["two_at_once"])
-        if args.json:
-            old = json.loads(args.json.read_text()) if args.json.exists() else {}
-            args.json.write_text(json.dumps(old | parts, indent=1) + "\n")
+        write_parts(args.json, parts)
         if args.only in (None, "memory"):
             print_memory(driver_memory(tmp, short))
 
@@ -964,11 +1001,33 @@ def _timing_rows(r: str, w: dict[str, Any]) -> str:
     )
 
 
-def _ratios(rounds: list[dict[str, Any]]) -> str:
-    """Each round's wall-time ratio and all rounds' together."""
-    per_round = ", ".join(f"{w['ratio']:.3f}" for w in rounds)
+def ratio_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The wall-time ratio's statistic, fixed before any run: the median of the per-round
+    ratios, with their range; all rounds' wall times together beside it."""
+    ratios = [w["ratio"] for w in rounds]
     total = sum(w["search"]["wall_s"] for w in rounds) / sum(w["plain"]["wall_s"] for w in rounds)
-    return f"per round {per_round}; all rounds together {total:.3f}"
+    compute = [w["trial_compute_ratio_median"] for w in rounds]
+    return {
+        "rounds": len(rounds),
+        "per_round": ratios,
+        "median": statistics.median(ratios),
+        "range": [min(ratios), max(ratios)],
+        "all_rounds_together": total,
+        "trial_compute_ratio_median_of_rounds": statistics.median(compute),
+        "target": 1.10,
+        "target_met": statistics.median(ratios) <= 1.10,
+    }
+
+
+def _ratios(rounds: list[dict[str, Any]]) -> str:
+    """Each round's wall-time ratio, their median and range, and all rounds' together."""
+    s = ratio_summary(rounds)
+    per_round = ", ".join(f"{r:.3f}" for r in s["per_round"])
+    lo, hi = s["range"]
+    return (
+        f"median of {s['rounds']} rounds {s['median']:.3f} (range {lo:.3f}-{hi:.3f}; per round "
+        f"{per_round}); all rounds together {s['all_rounds_together']:.3f}"
+    )
 
 
 def print_wall(rounds: list[dict[str, Any]], how: str = "2 at once, 1 CPU each") -> None:

@@ -1,7 +1,7 @@
 """The trainable's speed against a bare PyTorch loop, component costs and the CPU's own limit.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speed.py [--model tiny|gpt2-small] [--rounds 6]
-        [--pair-only]
+        [--pair-only | --shares-only]
 
 Pairing. The bare loop (plain PyTorch: AdamW, cross-entropy, clipping, nothing else) and every
 trainable variant (naive, replay, EWC, distillation) start from the same initial weights (same
@@ -17,7 +17,10 @@ naive trainable always run back to back. Each ratio is the median over rounds of
 paired within one round (both runs saw the same machine), which stays usable on a busy machine;
 best rounds are printed beside it. Fisher estimation's and evaluation's shares are measured on
 the quickstart experiment itself (``experiments/quickstart.yaml``: its task size, eval blocks
-and one thread per trial) with EWC switched on, median of 3 runs. Prints markdown tables,
+and one thread per trial) with EWC switched on, median of ``SHARE_RUNS`` runs, and written with
+every run's figures and the load average before and after it to
+``benchmarks/results/speed-shares.json`` (``--shares-only`` measures just these). Prints markdown
+tables,
 writes the per-round figures to ``benchmarks/results/speed-<model>[-pair].json`` and ends with the
 line ``naive/bare tokens-per-second ratio: X.XX`` (the paired median). ``--pair-only`` times
 just the bare loop and the naive trainable (no component variants, no quickstart shares): the
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -60,6 +64,7 @@ TARGETS = {"naive": "-", "replay 25 %": "<= 1.05x", "EWC": "<= 1.15x", "distilla
 TIMED_TASK = 2
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
 RESULTS = Path(__file__).resolve().parent / "results"
+SHARE_RUNS = 3  # quickstart runs behind the Fisher and evaluation shares (their median)
 
 
 def paired_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
@@ -177,11 +182,14 @@ def quickstart_shares(ewc_lambda: float) -> dict[str, float]:
     exp = load_experiment(QUICKSTART, [f"run.components.ewc.ewc_lambda={ewc_lambda}"])
     threads = max(1, int(exp.resources.cpus_per_trial))
     reports: list[dict[str, Any]] = []
+    load_before = os.getloadavg()
     start = time.perf_counter()
     run_stream(prepare(exp.run), report=lambda m, _c: reports.append(m), threads=threads)
     wall = time.perf_counter() - start
     fisher = [r["after_task_time_s"] / r["train_time_s"] for r in reports[:-1]]
     return {
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
         # after every task but the last; the first includes the process's one-off set-up
         "fisher_share": max(fisher),
         "fisher_shares": fisher,
@@ -192,6 +200,38 @@ def quickstart_shares(ewc_lambda: float) -> dict[str, float]:
         "threads": threads,
         "tasks": len(reports),
     }
+
+
+def shares(runs: int = SHARE_RUNS) -> dict[str, Any]:
+    """The Fisher's and evaluation's shares: ``runs`` quickstart runs, their medians, written
+    with every run to ``results/speed-shares.json``."""
+    each = []
+    for i in range(runs):
+        each.append(quickstart_shares(ewc_lambda=100.0))
+        print(f"shares run {i + 1}/{runs}: {each[-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
+    keys = [k for k in each[0] if k not in ("fisher_shares", "loadavg_before", "loadavg_after")]
+    q: dict[str, Any] = {k: statistics.median(r[k] for r in each) for k in keys}
+    q["fisher_shares"] = [
+        statistics.median(r["fisher_shares"][i] for r in each)
+        for i in range(len(each[0]["fisher_shares"]))
+    ]
+    out = RESULTS / "speed-shares.json"
+    out.write_text(json.dumps({"median": q, "runs": each, "ewc_lambda": 100.0}, indent=1) + "\n")
+    print(
+        f"| EWC's after-task work (the Fisher) / task training time (quickstart, EWC, "
+        f"{q['threads']:g} "
+        f"thread, median of {runs} runs) "
+        f"| {q['fisher_share']:.1%} worst task ({q['fisher_s']:.2f} s of "
+        f"{q['task_train_s']:.1f} s); per task: "
+        f"{', '.join(f'{x:.1%}' for x in q['fisher_shares'])} "
+        "| <= 10 % |"
+    )
+    print(
+        f"| evaluation of all tasks / trial wall time (quickstart, {q['tasks']:g} tasks) "
+        f"| {q['eval_share']:.1%} of {q['wall_s']:.1f} s | <= 15 % |"
+    )
+    print(f"\nper-run figures: {out.relative_to(RESULTS.parents[1])}")
+    return q
 
 
 def measure(
@@ -235,9 +275,18 @@ def main() -> None:
     parser.add_argument(
         "--pair-only", action="store_true", help="only the bare loop and the naive trainable"
     )
+    parser.add_argument(
+        "--shares-only",
+        action="store_true",
+        help="only the Fisher's and evaluation's shares of the quickstart run",
+    )
     args = parser.parse_args()
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be >= 1 (got {args.rounds})")
+    if args.shares_only:
+        print("| figure | value | target |\n|---|---|---|")
+        shares()
+        return
     shape = SHAPES[args.model]
     tiny = args.model == "tiny"
     block, batch = (128, 16) if tiny else (128, 8)
@@ -285,24 +334,7 @@ def main() -> None:
     peak = max(flops)
     print("\n| figure | value | target |\n|---|---|---|")
     if tiny and not args.pair_only:
-        runs = [quickstart_shares(ewc_lambda=100.0) for _ in range(3)]
-        q = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "fisher_shares"}
-        q["fisher_shares"] = [
-            statistics.median(r["fisher_shares"][i] for r in runs)
-            for i in range(len(runs[0]["fisher_shares"]))
-        ]
-        print(
-            f"| Fisher estimation / task training time (quickstart, EWC, {q['threads']:g} "
-            "thread, median of 3 runs) "
-            f"| {q['fisher_share']:.1%} worst task ({q['fisher_s']:.2f} s of "
-            f"{q['task_train_s']:.1f} s); per task: "
-            f"{', '.join(f'{x:.1%}' for x in q['fisher_shares'])} "
-            "| <= 10 % |"
-        )
-        print(
-            f"| evaluation of all tasks / trial wall time (quickstart, {q['tasks']:g} tasks) "
-            f"| {q['eval_share']:.1%} of {q['wall_s']:.1f} s | <= 15 % |"
-        )
+        shares()
     print(f"| training FLOP/s (6 N tokens/s, naive, best round) | {achieved / 1e9:.2f} GFLOP/s | |")
     print(f"| float32 matmul 2048^2 FLOP/s (best round) | {peak / 1e9:.2f} GFLOP/s | |")
     print(f"| training / matmul FLOP/s | {achieved / peak:.2f} | |")
