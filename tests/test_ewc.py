@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from adaptune.trainables.components import TaskContext
-from adaptune.trainables.components.ewc import EWC, estimate_fisher, ewc_penalty
+from adaptune.trainables.components.ewc import EWC, estimate_fisher, ewc_penalty, sample_labels
 from adaptune.trainables.config import EWCConfig
 from adaptune.trainables.model import next_token_loss
 from conftest import tiny_experiment
@@ -128,11 +130,15 @@ def test_fisher_on_a_transformers_gpt_uses_vmap_and_matches_the_loop() -> None:
     pad, attn = model.config.pad_token_id, model.config._attn_implementation
     assert pad is not None  # the check that used to break vmap is live on this model
     blocks = torch.randint(3, 250, (6, 16))
-    fast = _fisher_vmap(model, blocks)
-    slow = _fisher_loop(model, blocks)
-    assert set(fast) == set(slow)
-    for name in slow:
-        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-9)
+    # the empirical labels, and labels drawn from the model (the sampled Fisher)
+    drawn = sample_labels(model, blocks, torch.Generator().manual_seed(0))
+    assert drawn.shape == (6, 15) and not torch.equal(drawn, blocks[:, 1:])
+    for labels in (blocks[:, 1:], drawn):
+        fast = _fisher_vmap(model, blocks, labels)
+        slow = _fisher_loop(model, blocks, labels)
+        assert set(fast) == set(slow)
+        for name in slow:
+            torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-9)
     assert model.config.pad_token_id == pad
     assert model.config._attn_implementation == attn
 
@@ -324,3 +330,159 @@ def test_penalty_moves_state_to_the_model_device() -> None:
     value = ewc.penalty(_ctx(model, device="meta"), BLOCKS, torch.empty(0))
     assert value is not None and value.device.type == "meta"
     assert ewc.precision["a"].device.type == "meta"
+
+
+# ---- Fisher variants --------------------------------------------------------------------
+
+
+def test_batch_fisher_is_the_squared_gradient_of_the_batch_mean_loss() -> None:
+    # One unit of both blocks: g = (g1 + g2) / 2 = ((1/4 + 9/5) / 2, (-1/4 - 9/10) / 2)
+    # = (1.025, -0.575) -> F = (1.050625, 0.330625), not the per-sequence mean of squares.
+    fisher = estimate_fisher(TwoParam(LN3, 0.0), BLOCKS, unit_rows=2)
+    assert float(fisher["a"]) == pytest.approx(1.050625, rel=1e-5)
+    assert float(fisher["b"]) == pytest.approx(0.330625, rel=1e-5)
+    # a unit per block is the per-sequence Fisher, through either path
+    one = estimate_fisher(TwoParam(LN3, 0.0), BLOCKS, unit_rows=1)
+    assert float(one["a"]) == pytest.approx(FISHER_A, rel=1e-5)
+
+
+def test_sampled_fisher_expectation_by_hand() -> None:
+    # Labels drawn from the model: E[g] = 0 at each position, positions are independent, so
+    # E[g²] = (1/T'²) Σ_t E[g_t²] with E[g_a,t²] = c² p0 (1 - p0) and E[g_b,t²] = p1 (1 - p1).
+    # block 1: c = 1, p0 = 3/4 -> a: 2 · 3/16 / 4 = 0.09375,   b: the same 0.09375
+    # block 2: c = 2, p0 = 9/10 -> a: 2 · 4 · 0.09 / 4 = 0.18, b: 2 · 0.09 / 4 = 0.045
+    # F = mean over the two blocks: a 0.136875, b 0.069375 (the empirical one: 1.65, 0.44).
+    # The expectation, exactly: every labelling of each block weighted by its probability.
+    model = TwoParam(LN3, 0.0)
+    expected = {"a": 0.0, "b": 0.0}
+    for block in BLOCKS:
+        p0 = 0.75 if int(block[0]) == 0 else 0.9  # both positions of a block share c
+        for y in itertools.product((0, 1), repeat=2):
+            prob = math.prod(p0 if t == 0 else 1 - p0 for t in y)
+            f = estimate_fisher(model, block[None], torch.tensor([y]))
+            for k in expected:
+                expected[k] += prob * float(f[k]) / 2
+    assert expected["a"] == pytest.approx(0.136875, rel=1e-5)
+    assert expected["b"] == pytest.approx(0.069375, rel=1e-5)
+
+
+def test_sampled_labels_follow_the_model_and_the_generator() -> None:
+    model = TwoParam(LN3, 0.0)
+    blocks = BLOCKS.repeat(1000, 1)
+    drawn = sample_labels(model, blocks, torch.Generator().manual_seed(0)).float()
+    # P(label 0) = 3/4 after token 0 (block 1), 9/10 after token 1 (block 2): 2000 draws
+    # each, standard errors 0.010 and 0.007
+    assert float((drawn[0::2] == 0).float().mean()) == pytest.approx(0.75, abs=0.04)
+    assert float((drawn[1::2] == 0).float().mean()) == pytest.approx(0.9, abs=0.03)
+    again = sample_labels(model, blocks, torch.Generator().manual_seed(0)).float()
+    assert torch.equal(drawn, again)  # the run's generator: reproducible
+
+
+def test_after_task_sampled_uses_the_runs_generator() -> None:
+    ewc = EWC(EWCConfig(ewc_lambda=1.0, fisher_estimator="sampled"))
+    ewc.after_task(_ctx(TwoParam(LN3, 0.0), seed=3))
+    # the same draws by hand: the Fisher subset's permutation, then the labels
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randperm(2, generator=gen)
+    model = TwoParam(LN3, 0.0)
+    labels = sample_labels(model, BLOCKS[idx], gen)
+    want = estimate_fisher(model, BLOCKS[idx], labels)
+    assert float(ewc.precision["a"]) == pytest.approx(float(want["a"]), rel=1e-6)
+    assert float(ewc.precision["b"]) == pytest.approx(float(want["b"]), rel=1e-6)
+
+
+def test_fisher_unit_batch_uses_the_batch_size() -> None:
+    model = TwoParam(LN3, 0.0)
+    ewc = EWC(EWCConfig(ewc_lambda=1.0, fisher_unit="batch"))
+    ewc.after_task(_ctx(model))  # batch_size 2: one unit of both blocks
+    assert float(ewc.precision["a"]) == pytest.approx(1.050625, rel=1e-5)
+
+
+# ---- decoupled EWC ----------------------------------------------------------------------
+
+
+def _decoupled(ewc_lambda: float) -> tuple[EWC, TwoParam, torch.optim.Optimizer]:
+    ewc = EWC(EWCConfig(ewc_lambda=ewc_lambda, ewc_apply="decoupled"))
+    ewc.consolidate({"a": _t(2.0), "b": _t(0.5)}, {"a": _t(1.0), "b": _t(-1.0)})
+    model = TwoParam(3.0, 1.0)
+    return ewc, model, torch.optim.SGD(model.parameters(), lr=0.01)
+
+
+def test_decoupled_step_by_hand() -> None:
+    ewc, model, opt = _decoupled(ewc_lambda=10.0)
+    # no loss term in decoupled mode
+    assert ewc.penalty(_ctx(model), BLOCKS, torch.empty(0)) is None
+    ewc.after_step(_ctx(model), opt)
+    # a: factor lr·λ·F = 0.01 · 10 · 2 = 0.2 -> 3 - 0.2 · (3 - 1) = 2.6
+    # b: factor 0.01 · 10 · 0.5 = 0.05 -> 1 - 0.05 · (1 + 1) = 0.9
+    assert float(model.a.detach()) == pytest.approx(2.6, rel=1e-6)
+    assert float(model.b.detach()) == pytest.approx(0.9, rel=1e-6)
+
+
+def test_decoupled_step_uses_the_groups_current_lr_and_clamps_at_the_anchor() -> None:
+    ewc, model, opt = _decoupled(ewc_lambda=10.0)
+    opt.param_groups[0]["lr"] = 0.005  # what a scheduler would have set for this step
+    ewc.after_step(_ctx(model), opt)
+    assert float(model.a.detach()) == pytest.approx(3.0 - 0.1 * 2.0, rel=1e-6)  # factor 0.1
+    # lr·λ·F = 0.01 · 1000 · 2 = 20 and 5 would overshoot (and diverge past 2): clamped to
+    # 1, the parameters land on their anchor and stay there
+    ewc, model, opt = _decoupled(ewc_lambda=1000.0)
+    for _ in range(3):
+        ewc.after_step(_ctx(model), opt)
+        assert float(model.a.detach()) == pytest.approx(1.0)
+        assert float(model.b.detach()) == pytest.approx(-1.0)
+
+
+def test_loss_mode_step_is_a_no_op_and_metrics_report_the_scale() -> None:
+    ewc = _consolidated(_ewc(ewc_lambda=2.0))  # ewc_apply "loss"
+    model = TwoParam(0.0, 0.0)
+    ewc.after_step(_ctx(model), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert float(model.a.detach()) == 0.0 and float(model.b.detach()) == 0.0
+    ewc.after_task(_ctx(model, k=2, n_tasks=2))
+    m = ewc.metrics()
+    # the penalty at (0, 0) is 9 (test_separate_mode_two_tasks_by_hand); the task loss is
+    # the mean NLL of both blocks at a = b = 0: ln 2; A = (3, 3)
+    assert m["ewc/penalty"] == pytest.approx(9.0, abs=1e-5)
+    assert m["ewc/penalty_share"] == pytest.approx(9.0 / math.log(2.0), rel=1e-5)
+    assert m["ewc/fisher_mean"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("ewc_apply", "decay"), ("fisher_estimator", "true"), ("fisher_unit", "token")],
+)
+def test_new_fields_reject_bad_values_in_one_line(key: str, value: str) -> None:
+    from adaptune.trainables.config import parse_run_config
+    from adaptune.trainables.errors import ConfigError
+
+    run = tiny_experiment()["run"]
+    run.setdefault("components", {}).setdefault("ewc", {})[key] = value
+    with pytest.raises(ConfigError) as err:
+        parse_run_config(run)
+    assert str(err.value).count("\n") == 0
+    assert f"run.components.ewc.{key}" in str(err.value) and repr(value) in str(err.value)
+
+
+def test_the_training_loop_calls_the_decoupled_step() -> None:
+    # λ so large that every factor clamps to 1: after each optimizer step the loop's call to
+    # after_step must put every weight back on its anchor (up to rounding), whatever AdamW did.
+    from contextlib import nullcontext
+
+    from adaptune.trainables.config import parse_run_config
+    from adaptune.trainables.model import build_model
+    from adaptune.trainables.run import _optimizer, train_blocks
+    from transformers import ByT5Tokenizer
+
+    torch.manual_seed(0)
+    cfg = parse_run_config(tiny_experiment(run={"model": {"n_positions": 16}})["run"])
+    model = build_model(cfg.model, ByT5Tokenizer()).train()
+    params, opt = _optimizer(cfg, model)
+    ewc = EWC(EWCConfig(ewc_lambda=1e12, ewc_apply="decoupled"))
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ewc.consolidate({n: torch.ones_like(a) for n, a in anchor.items()}, dict(anchor))
+    blocks = torch.randint(3, 250, (2 * cfg.optim.batch_size, 16))
+    ctx = replace(_ctx(model), train_blocks=blocks, batch_size=cfg.optim.batch_size)
+    train_blocks(cfg, model, params, opt, {"ewc": ewc}, ctx, nullcontext(), "test")
+    assert opt.state  # AdamW did step
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), anchor[n], rtol=0, atol=1e-7)  # p - (p - a)

@@ -206,6 +206,12 @@ class EWCConfig(_Strict):
     ewc_mode: Literal["separate", "online"] = "separate"
     ewc_gamma: float = Field(1.0, ge=0, le=1)  # online mode: decay of the old Fisher
     fisher_samples: int = Field(64, ge=1)  # sequences used to estimate the Fisher
+    # loss: λ/2·Σ F(θ−θ*)² added to the loss; decoupled: θ ← θ − lr·λ·F(θ−θ*) after each step
+    ewc_apply: Literal["loss", "decoupled"] = "loss"
+    # labels of the Fisher's gradients: the data's next tokens, or drawn from the model
+    fisher_estimator: Literal["empirical", "sampled"] = "empirical"
+    # one squared gradient per block, or per batch_size blocks (≈ 1/batch of the former)
+    fisher_unit: Literal["sequence", "batch"] = "sequence"
 
 
 class DistillConfig(_Strict):

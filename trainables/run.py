@@ -316,6 +316,8 @@ def _train_step(
     if cfg.optim.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
     opt.step()
+    for comp in comps.values():
+        comp.after_step(ctx, opt)
     return batch.numel(), float(ce.detach())
 
 

@@ -48,6 +48,7 @@ class Component:
         for each step:
             batch = compose(batch, ctx)   # (B - Σ rows, T) current rows -> ... -> (B, T)
             loss += penalty(ctx, batch, logits) or nothing
+            optimizer.step(); after_step(ctx, optimizer)   # decoupled EWC pull
         after_task(ctx)                   # Fisher + anchor, buffer update
         metrics()                         # its numbers, merged into the task's report
         artifacts()                       # its texts, written into the task's checkpoint
@@ -90,6 +91,10 @@ class Component:
     def penalty(self, ctx: TaskContext, batch: Tensor, logits: Tensor) -> Tensor | None:
         """An extra loss term for ``batch`` (B, T) and its ``logits`` (B, T, V), or None."""
         return None
+
+    def after_step(self, ctx: TaskContext, optimizer: torch.optim.Optimizer) -> None:
+        """Change the weights right after ``optimizer.step()`` (its param groups hold the
+        step's learning rate), e.g. a pull decoupled from the gradient."""
 
     def after_task(self, ctx: TaskContext) -> None:
         """Update the state after training on task ``ctx.k``, before evaluation."""
