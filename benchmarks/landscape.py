@@ -1,16 +1,20 @@
 """The search-efficiency landscape: every configuration of a grid, trained once for real.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/landscape.py [--workers 2] [--threads 1]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/landscape.py [--seeds 0,1,2] [--workers 1]
 
 A tabular benchmark in the style of HPO-B / NAS-Bench: a grid over lr x ewc_lambda x
-distill_alpha x buffer_size (each knob including 0 = off) is run once with
+distill_alpha x buffer_size (each knob including 0 = off) is run once per seed with
 :func:`trainables.run_stream` as plain function calls on a stream of three real domains from
-``../shared/data`` (Shakespeare -> Wikipedia -> Python code), a tiny GPT and short tasks. For
-every configuration the per-task reports (``stream_loss`` and the cumulative ``train_tokens``
-after each task, plus the loss matrix) go into ``benchmarks/results/landscape.json``, which
-``benchmarks/search_efficiency.py`` replays through Ray Tune. Prints the grid's best
-configurations and each knob's best ``stream_loss``.
+``../shared/data`` (Shakespeare -> Wikipedia -> Python code), a tiny GPT and short tasks. The
+seed sets the model's initialisation and the batch order; the data split is the same for every
+seed. For every configuration and seed the per-task reports (``stream_loss`` and the cumulative
+``train_tokens`` after each task, plus the loss matrix) go into
+``benchmarks/results/landscape.json`` as one record, which ``benchmarks/search_efficiency.py``
+replays through Ray Tune. Prints the grid's best configurations by seed-mean ``stream_loss``
+(with each seed's value) and each knob's best seed-mean ``stream_loss``.
 
+Resumable: the JSON is rewritten after every configuration, and a rerun runs only the
+(configuration, seed) pairs it lacks, so adding seeds never recomputes the old ones.
 Configurations run ``--workers`` at a time in separate processes with ``--threads`` torch
 threads each; every worker tokenizes the stream once and reuses it. ``--quick`` runs a
 16-point grid on 4k-token tasks (a smoke test; writes ``runs/bench/landscape-quick.json``).
@@ -28,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +61,8 @@ QUICK_GRID: dict[str, list[Any]] = {
     "distill_alpha": [0.0, 1.0],
     "buffer_size": [0, 32],
 }
+# Fixed in advance: every configuration of the grid is trained with each of these seeds.
+SEEDS = (0, 1, 2)
 # where each grid knob sits in the run config
 PATHS = {
     "lr": ("optim", "lr"),
@@ -116,12 +123,12 @@ def _init_worker(base: dict[str, Any]) -> None:
     _PREP = prepare(parse_run_config(base))
 
 
-def _run_one(job: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+def _run_one(job: tuple[dict[str, Any], dict[str, Any], int]) -> dict[str, Any]:
     from adaptune.trainables import parse_run_config, run_stream
     from adaptune.trainables.run import Prepared
 
-    base, params = job
-    cfg = parse_run_config(with_params(base, params))
+    base, params, seed = job
+    cfg = parse_run_config(with_params(base, params) | {"seed": seed})
     # the stream does not depend on the searched knobs: reuse the worker's tokenized tasks
     prep = Prepared(cfg, _PREP.tokenizer, _PREP.tasks, None)
     reports: list[dict[str, Any]] = []
@@ -131,6 +138,7 @@ def _run_one(job: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
     keep = ("task_index", "stream_loss", "seen_loss", "forgetting", "train_tokens", "train_loss")
     return {
         "params": params,
+        "seed": seed,
         "tasks": [{k: r[k] for k in keep} for r in reports],
         "loss_matrix": reports[-1]["loss_matrix"],
         "wall_s": wall,
@@ -138,30 +146,32 @@ def _run_one(job: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_grid(
-    base: dict[str, Any], points: list[dict[str, Any]], workers: int
-) -> list[dict[str, Any]]:
-    jobs = [(base, p) for p in points]
-    out: list[dict[str, Any]] = []
+    base: dict[str, Any], jobs: list[tuple[dict[str, Any], int]], workers: int
+) -> Iterator[dict[str, Any]]:
+    """Train each (configuration, seed) job; yields each record as soon as it is done."""
+    work = [(base, params, seed) for params, seed in jobs]
     if workers == 1:
         _init_worker(base)
-        for i, job in enumerate(jobs, 1):
-            out.append(_run_one(job))
-            _progress(i, len(jobs), out[-1])
-        return out
+        for i, job in enumerate(work, 1):
+            rec = _run_one(job)
+            _progress(i, len(work), rec)
+            yield rec
+        return
     # spawn: a forked child inherits torch's thread pools and can hang in them
     pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(base,))
-    for i, rec in enumerate(pool.imap_unordered(_run_one, jobs), 1):
-        out.append(rec)
-        _progress(i, len(jobs), rec)
+    for i, rec in enumerate(pool.imap_unordered(_run_one, work), 1):
+        _progress(i, len(work), rec)
+        yield rec
     pool.close()
     pool.join()
-    order = {json.dumps(p, sort_keys=True): i for i, p in enumerate(points)}
-    return sorted(out, key=lambda r: order[json.dumps(r["params"], sort_keys=True)])
 
 
 def _progress(i: int, n: int, rec: dict[str, Any]) -> None:
     final = rec["tasks"][-1]["stream_loss"]
-    print(f"  [{i}/{n}] {rec['params']} -> {final:.4f} ({rec['wall_s']:.1f} s)", flush=True)
+    print(
+        f"  [{i}/{n}] seed {rec['seed']} {rec['params']} -> {final:.4f} ({rec['wall_s']:.1f} s)",
+        flush=True,
+    )
 
 
 def cpu_model() -> str:
@@ -174,46 +184,109 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def point_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def by_point(landscape: dict[str, Any]) -> list[tuple[float, dict[str, Any], dict[int, float]]]:
+    """(seed-mean final stream_loss, params, {seed: final stream_loss}) per grid point, best first.
+
+    A record without a ``seed`` is seed 0 (the single-seed format).
+    """
+    points: dict[str, tuple[dict[str, Any], dict[int, float]]] = {}
+    for r in landscape["configs"]:
+        _, finals = points.setdefault(point_key(r["params"]), (r["params"], {}))
+        finals[int(r.get("seed", 0))] = r["tasks"][-1]["stream_loss"]
+    rows = [(statistics.fmean(f.values()), p, f) for p, f in points.values()]
+    return sorted(rows, key=lambda x: x[0])
+
+
 def summary(landscape: dict[str, Any]) -> str:
-    """Markdown: the grid's best configurations and each knob's best value on/off."""
-    recs = landscape["configs"]
-    final = [(r["tasks"][-1]["stream_loss"], r) for r in recs]
-    final.sort(key=lambda x: x[0])
+    """Markdown: the grid's best configurations and each knob's best value on/off (seed means)."""
+    rows = by_point(landscape)
     names = list(landscape["meta"]["grid"])
+    seeds = sorted({s for _, _, f in rows for s in f})
     lines = [
-        f"| rank | stream_loss | {' | '.join(names)} | train tokens |",
-        "|---|---|" + "---|" * len(names) + "---|",
+        f"| rank | mean stream_loss | std | {' | '.join(f'seed {s}' for s in seeds)} | "
+        f"{' | '.join(names)} |",
+        "|---|---|---|" + "---|" * (len(seeds) + len(names)),
     ]
-    for rank, (value, r) in enumerate(final[:5], 1):
-        cells = " | ".join(f"{r['params'][n]:g}" for n in names)
-        lines.append(f"| {rank} | {value:.4f} | {cells} | {r['tasks'][-1]['train_tokens']:,} |")
-    worst = final[-1][0]
-    naive = min(v for v, r in final if all(r["params"][n] == 0 for n in names if n != "lr"))
+    for rank, (mean, params, finals) in enumerate(rows[:8], 1):
+        std = statistics.stdev(finals.values()) if len(finals) > 1 else 0.0
+        per_seed = " | ".join(f"{finals[s]:.4f}" if s in finals else "-" for s in seeds)
+        cells = " | ".join(f"{params[n]:g}" for n in names)
+        lines.append(f"| {rank} | {mean:.4f} | {std:.4f} | {per_seed} | {cells} |")
+    means = [m for m, _, _ in rows]
+    naive = min(
+        (m for m, p, _ in rows if all(p[n] == 0 for n in names if n != "lr")), default=float("nan")
+    )
     lines += [
         "",
-        "| figure | value |",
+        "| figure (seed means) | value |",
         "|---|---|",
-        f"| configurations | {len(recs)} |",
-        f"| grid best stream_loss | {final[0][0]:.4f} |",
+        f"| configurations x seeds | {len(rows)} x {len(seeds)} ({seeds}) |",
+        f"| grid best stream_loss | {means[0]:.4f} |",
         f"| best naive fine-tuning (all knobs 0, best lr) | {naive:.4f} |",
-        f"| median / worst | {statistics.median(v for v, _ in final):.4f} / {worst:.4f} |",
-        f"| grid compute (trained tokens) | {landscape['meta']['total_tokens']:,} |",
-        f"| wall time | {landscape['meta']['wall_s']:.0f} s |",
+        f"| median / worst | {statistics.median(means):.4f} / {means[-1]:.4f} |",
+        f"| grid compute per seed (trained tokens) | {landscape['meta']['total_tokens']:,} |",
+        f"| wall time (all runs) | {landscape['meta']['wall_s']:.0f} s |",
     ]
     for n in names:
         if n == "lr":
             continue
-        off = min(v for v, r in final if r["params"][n] == 0)
-        on = min(v for v, r in final if r["params"][n] != 0)
+        off = min((m for m, p, _ in rows if p[n] == 0), default=float("nan"))
+        on = min((m for m, p, _ in rows if p[n] != 0), default=float("nan"))
         lines.append(f"| best with {n} = 0 / > 0 | {off:.4f} / {on:.4f} |")
     return "\n".join(lines)
+
+
+def _comparable(base: dict[str, Any]) -> dict[str, Any]:
+    """The run config minus what may differ between the sessions that fill one landscape."""
+    run = json.loads(json.dumps(base))
+    run.pop("seed", None)
+    run.pop("hardware", None)
+    return run
+
+
+def load_existing(out: Path, base: dict[str, Any], grid: dict[str, Any]) -> dict[str, Any] | None:
+    """The landscape already at ``out`` (to extend), or None; refuses one of another grid/run."""
+    if not out.is_file():
+        return None
+    old = json.loads(out.read_text())
+    if old["meta"]["grid"] != grid or _comparable(old["meta"]["base_run"]) != _comparable(base):
+        raise SystemExit(f"{out}: another grid or run config; move it away to start afresh")
+    for r in old["configs"]:
+        r.setdefault("seed", old["meta"]["base_run"].get("seed", 0))
+    if "sessions" not in old["meta"]:  # the single-seed format: its one run becomes a session
+        meta = old["meta"]
+        keys = ("command", "workers", "threads", "wall_s")
+        meta["sessions"] = [{"runs": len(old["configs"])} | {k: meta.get(k) for k in keys}]
+        for k in ("command", "workers", "threads"):
+            meta.pop(k, None)
+    return old
+
+
+def _write(out: Path, landscape: dict[str, Any]) -> None:
+    recs = landscape["configs"]
+    seeds = sorted({r["seed"] for r in recs})
+    meta = landscape["meta"]
+    meta["seeds"] = seeds
+    # the budget unit of search_efficiency.py: one seed's whole grid (the seeds' mean)
+    meta["total_tokens"] = round(sum(r["tasks"][-1]["train_tokens"] for r in recs) / len(seeds))
+    meta["configs_per_min"] = 60 * len(recs) / max(meta["wall_s"], 1e-9)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(landscape, indent=1) + "\n")
+    tmp.replace(out)  # a reader never sees half a file
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="the shared data directory")
-    parser.add_argument("--out", type=Path, default=None, help="the landscape JSON to write")
-    parser.add_argument("--workers", type=int, default=2, help="configurations at once")
+    parser.add_argument("--out", type=Path, default=None, help="the landscape JSON to extend")
+    parser.add_argument(
+        "--seeds", default=",".join(map(str, SEEDS)), help="comma-separated training seeds"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="configurations at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--tokens", type=int, default=None, help="train tokens per task")
     parser.add_argument("--limit", type=int, default=None, help="run only the first N points")
@@ -228,39 +301,54 @@ def main() -> None:
     grid = QUICK_GRID if args.quick else GRID
     tokens = args.tokens or (4096 if args.quick else 32768)
     out = args.out or (QUICK / "landscape-quick.json" if args.quick else RESULTS / "landscape.json")
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     points = grid_points(grid)[: args.limit]
-    base = base_run(args.data.resolve(), tokens, args.threads)
+    data = args.data.resolve()
+    base = base_run(data, tokens, args.threads)
+    # data paths are machine-specific: stored relative to the data directory
+    stored = json.loads(json.dumps(base))
+    for task in stored["stream"]["tasks"]:
+        task["files"] = [str(Path(f).relative_to(data)) for f in task["files"]]
+    landscape = load_existing(out, stored, grid) or {
+        "meta": {
+            "grid": grid,
+            "paths": {k: list(v) for k, v in PATHS.items()},
+            "base_run": stored,
+            "tasks": list(DOMAINS),
+            "wall_s": 0.0,
+            "machine": {"nproc": os.cpu_count(), "cpu": cpu_model()},
+            "sessions": [],
+        },
+        "configs": [],
+    }
+    done = {(point_key(r["params"]), r["seed"]) for r in landscape["configs"]}
+    jobs = [(p, s) for s in seeds for p in points if (point_key(p), s) not in done]
     print(
-        f"landscape: {len(points)} configurations, {tokens} train tokens per task, "
+        f"landscape: {len(points)} configurations x seeds {seeds}: {len(jobs)} to run "
+        f"({len(done)} already in {out.name}), {tokens} train tokens per task, "
         f"{args.workers} worker(s) x {args.threads} thread(s)",
         flush=True,
     )
-    start = time.perf_counter()
-    configs = run_grid(base, points, args.workers)
-    wall = time.perf_counter() - start
-    # data paths are machine-specific: store them relative to the data directory
-    for task in base["stream"]["tasks"]:
-        task["files"] = [str(Path(f).relative_to(args.data.resolve())) for f in task["files"]]
-    landscape = {
-        "meta": {
-            "command": "benchmarks/landscape.py " + " ".join(sys.argv[1:]),
-            "grid": grid,
-            "paths": {k: list(v) for k, v in PATHS.items()},
-            "base_run": base,
-            "tasks": list(DOMAINS),
-            "total_tokens": sum(r["tasks"][-1]["train_tokens"] for r in configs),
-            "wall_s": wall,
-            "workers": args.workers,
-            "threads": args.threads,
-            "machine": {"nproc": os.cpu_count(), "cpu": cpu_model()},
-            "configs_per_min": 60 * len(configs) / wall,
-        },
-        "configs": configs,
+    session = {
+        "command": "benchmarks/landscape.py " + " ".join(sys.argv[1:]),
+        "runs": 0,
+        "wall_s": 0.0,
+        "workers": args.workers,
+        "threads": args.threads,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(landscape, indent=1) + "\n")
+    if jobs:
+        landscape["meta"].setdefault("sessions", []).append(session)
+    start = time.perf_counter()
+    for rec in run_grid(base, jobs, args.workers):
+        landscape["configs"].append(rec)
+        session["runs"] += 1
+        landscape["meta"]["wall_s"] += time.perf_counter() - start - session["wall_s"]
+        session["wall_s"] = time.perf_counter() - start
+        _write(out, landscape)
+    if not landscape["configs"]:
+        return
+    _write(out, landscape)
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
-    print(f"{60 * len(configs) / wall:.2f} configurations per minute\n")
     print(summary(landscape))
 
 
