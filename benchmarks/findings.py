@@ -2,6 +2,7 @@
 
     export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
     nice -n 10 .venv/bin/python benchmarks/findings.py replay
+    nice -n 10 .venv/bin/python benchmarks/findings.py replay-fine  # 1 % replay, batch 100
     nice -n 10 .venv/bin/python benchmarks/findings.py lr
     nice -n 10 .venv/bin/python benchmarks/findings.py distill
     nice -n 10 .venv/bin/python benchmarks/findings.py lora        # from learns-less.json
@@ -22,12 +23,14 @@ Fixed before any run, the same for every variant:
   same split (``data_seed`` 0);
 - the model: the tiny GPT (2 layers x 64, byte-level tokenizer, built from config), AdamW at
   lr 2e-3 (the quickstart's), cosine schedule, batch 20 blocks (so 5, 10, 25 and 50 % replay
-  are whole rows of a batch; 1 % would need a batch of 100 and is not run), 1 epoch, 1 thread;
+  are whole rows of a batch; 1 %: ``replay-fine``, batch 100), 1 epoch, 1 thread;
 - replay keeps a reservoir of 2,048 blocks: every block of the first two tasks;
 - a difference between two variants counts when the three per-seed paired differences share
   their sign and their mean exceeds their std; "most forgetting removed" means more than half
   of naive fine-tuning's mean forgetting.
 
+``replay-fine`` re-measures 0, 1 and 5 % replay at a batch of 100 blocks (1 % is one row) with
+262,144 tokens per task (41 steps per task) and a buffer holding both earlier tasks.
 ``replay`` also runs a control: naive fine-tuning with the steps of 50 % replay. ``ewc-vs-replay``
 takes the EWC variant's settings from ``--set`` (each setting adds its rows to the same file).
 ``search`` uses three other domains (AG News sports, medical abstracts, AG News world; 32,768
@@ -74,6 +77,11 @@ SEARCH_TASKS = ["news_sports", "medical", "news_world"]
 MEDICAL = "biomed_medical_abstracts/medical_abstracts_text.txt"
 
 REPLAY_DOSES = (0.0, 0.05, 0.10, 0.25, 0.50)
+# replay-fine: a batch of 100 blocks makes 1 % a whole row; 4x the tokens keeps ~41 steps a task
+FINE_DOSES = (0.0, 0.01, 0.05)
+FINE_BATCH = 100
+FINE_TOKENS = 262144
+FINE_BUFFER = 2 * FINE_TOKENS // 64  # blocks: every block of the first two tasks
 LRS = (3e-4, 1e-3, 2e-3, 4e-3, 8e-3)
 DISTILL_ALPHAS = (1.0, 4.0)
 SEARCH_SEED = 100  # the search's own seed (its confirm runs: 101, 102), apart from SEEDS
@@ -90,6 +98,11 @@ CLAIMS: dict[str, dict[str, list[str]]] = {
         # replayed rows are added to a task's steps, not taken from them: naive fine-tuning
         # with the steps of 50 % replay (2 passes over tasks 2 and 3) separates the two effects
         "naive, steps of replay 50 %": ["run.schedule={epochs: [1, 2, 2]}"],
+    },
+    "replay-fine": {
+        f"replay {round(100 * f)} %": [f"buffer_size={FINE_BUFFER if f else 0}",
+                                       f"replay_fraction={f}"]
+        for f in FINE_DOSES
     },
     "lr": {f"naive lr {lr:g}": [f"lr={lr}"] for lr in LRS},
     "distill": {
@@ -123,6 +136,12 @@ def base_run(tasks: dict[str, str], tokens: int) -> dict[str, Any]:
 
 def main_stream() -> dict[str, Any]:
     return base_run({n: str(DATA / f) for n, f in MAIN_TASKS.items()}, 65536)
+
+
+def fine_stream() -> dict[str, Any]:
+    run = base_run({n: str(DATA / f) for n, f in MAIN_TASKS.items()}, FINE_TOKENS)
+    run["optim"]["batch_size"] = FINE_BATCH
+    return run
 
 
 def search_stream() -> dict[str, Any]:
@@ -265,8 +284,9 @@ def portable(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_grid(claim: str, _args: argparse.Namespace) -> dict[str, Any]:
-    """replay, lr, distill: a fixed list of variants on the main stream."""
-    run, variants = main_stream(), CLAIMS[claim]
+    """replay, replay-fine, lr, distill: a fixed list of variants on the main stream."""
+    run = fine_stream() if claim == "replay-fine" else main_stream()
+    variants = CLAIMS[claim]
     meta = {"claim": claim, "command": command_line(), "seeds": list(SEEDS),
             "setup": {"base_run": portable(run), "variants": variants}, "variants": variants}
     data = load(claim, meta)
@@ -444,9 +464,10 @@ def fmt(s: dict[str, Any], digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
-def verdict_replay(s: dict[str, Any]) -> dict[str, Any]:
-    """5 % replay against none: the share of naive's mean forgetting it removes (target: more
-    than half, and a paired difference that counts) and what it costs on the new domain."""
+def verdict_replay(s: dict[str, Any], target: str = "replay 5 %") -> dict[str, Any]:
+    """``target`` (5 % replay) against none: the share of naive's mean forgetting it removes
+    (target: more than half, and a paired difference that counts) and what it costs on the new
+    domain."""
     naive, labels = "replay 0 %", [k for k in s if k != "replay 0 %"]
     f0 = s[naive]["forgetting"]["mean"]
     out = {label: {"forgetting_removed": 1 - s[label]["forgetting"]["mean"] / f0,
@@ -455,13 +476,37 @@ def verdict_replay(s: dict[str, Any]) -> dict[str, Any]:
                    "train_tokens_ratio": s[label]["train_tokens"]["mean"]
                    / s[naive]["train_tokens"]["mean"]}
            for label in labels}
-    five = out.get("replay 5 %")
+    five = out.get(target)
     if five is None:
         return {"per_dose": out, "verdict": "incomplete"}
     ok = five["forgetting_diff"]["counts"] and five["forgetting_diff"]["mean"] < 0
     word = ("reproduced" if ok and five["forgetting_removed"] > 0.5
             else "partly" if ok else "not reproduced")
     return {"per_dose": out, "verdict": word}
+
+
+def verdict_fine(s: dict[str, Any]) -> dict[str, Any]:
+    """1 % replay against none at batch 100, and whether 5 % agrees with 5 % at batch 20: the
+    rule's verdict on (5 % − 0 %) forgetting in each setting, and that difference's per-seed
+    change from batch 20 to batch 100."""
+    out = verdict_replay(s, "replay 1 %")
+    coarse = result_path("replay")
+    if coarse.is_file() and "replay 5 %" in s:
+        c = json.loads(coarse.read_text())["summary"]
+        d20, d100 = (paired(x, "replay 5 %", "replay 0 %", "forgetting") for x in (c, s))
+        change = stats([b - a for a, b in zip(d20["values"], d100["values"], strict=True)])
+        out["five_vs_batch20"] = {"batch20": d20, "batch100": d100, "change": change,
+                                  "same_verdict": d20["counts"] == d100["counts"]}
+    return out
+
+
+def fine_curve() -> tuple[str, list[float], list[Any]] | None:
+    """replay-fine's doses as a second curve on the replay plot, when it has run."""
+    path = result_path("replay-fine")
+    if not path.is_file():
+        return None
+    s = json.loads(path.read_text()).get("summary", {})
+    return ("batch 100, 4x tokens", [float(k.split()[1]) for k in s], list(s.values()))
 
 
 def verdict_lr(s: dict[str, Any], replay: dict[str, Any] | None) -> dict[str, Any]:
@@ -531,18 +576,32 @@ def _axes(n: int) -> tuple[Any, Any]:
     return fig, axes
 
 
+def _second_curve(ax: Any, metric: str, curve: tuple[str, list[float], list[Any]]) -> None:
+    """A second dose curve (label, positions, each point's statistics) in its own colour."""
+    label, xs, points = curve
+    ax.errorbar(xs, [p[metric]["mean"] for p in points], yerr=[p[metric]["std"] for p in points],
+                fmt="s--", color="tab:orange", capsize=4, label=label, zorder=4)
+    for x, p in zip(xs, points, strict=True):
+        ax.scatter([x] * len(p[metric]["values"]), p[metric]["values"], s=12,
+                   color="tab:orange", alpha=0.5, zorder=2)
+
+
 def plot_metrics(s: dict[str, Any], metrics: tuple[str, ...], path: Path, title: str,
                  xs: list[float] | None = None, xlabel: str = "", logx: bool = False,
-                 extra: dict[str, tuple[float, dict[str, Any]]] | None = None) -> None:
+                 extra: dict[str, tuple[float, dict[str, Any]]] | None = None,
+                 curve: tuple[str, list[float], list[Any]] | None = None) -> None:
     """One panel per metric: mean ± std (error bars) and every seed (dots); ``xs``: numeric
     positions of the variants (a dose curve), else one column per variant; ``extra``: label ->
-    (x, its statistics), a control drawn apart from the curve."""
+    (x, its statistics), a control drawn apart from the curve; ``curve``: a second dose curve
+    (label, positions, each point's statistics)."""
     fig, axes = _axes(len(metrics))
     for ax, metric in zip(axes, metrics, strict=True):
         for label, (x, st) in (extra or {}).items():
             ax.errorbar([x], [st[metric]["mean"]], yerr=[st[metric]["std"]], fmt="D",
                         color="tab:red", capsize=4, label=label, zorder=4)
-        if extra:
+        if curve:
+            _second_curve(ax, metric, curve)
+        if extra or curve:
             ax.legend(fontsize=7)
     labels = list(s)
     pos = xs if xs is not None else list(range(len(labels)))
@@ -605,8 +664,10 @@ def report_claim(claim: str) -> None:  # noqa: C901 - one branch per claim
             control = {k: (50.0, v) for k, v in s.items() if k not in dose}
             plot_metrics(dose, ("forgetting", "new_task_loss", "stream_loss"), img,
                          f"Replay dose, {MAIN_NAME}", [float(k.split()[1]) for k in dose],
-                         "replay % of each batch", extra=control)
+                         "replay % of each batch", extra=control, curve=fine_curve())
             data["verdicts"] = verdict_replay(s)
+        elif claim == "replay-fine":
+            data["verdicts"] = verdict_fine(s)
         elif claim == "lr":
             xs = [float(k.split()[-1]) for k in s]
             replay = result_path("replay")
@@ -637,8 +698,8 @@ def paired_lora(s: dict[str, Any], a: str, metric: str) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("claim", choices=["replay", "lr", "distill", "lora", "search",
-                                          "ewc-vs-replay", "report"])
+    parser.add_argument("claim", choices=["replay", "replay-fine", "lr", "distill", "lora",
+                                          "search", "ewc-vs-replay", "report"])
     parser.add_argument("--set", action="append", default=[],
                         help="ewc-vs-replay: the EWC variant's settings, e.g. ewc_lambda=100")
     args = parser.parse_args()
@@ -648,7 +709,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(1)
-    claims = (["replay", "lr", "distill", "lora", "search", "ewc-vs-replay"]
+    claims = (["replay-fine", "replay", "lr", "distill", "lora", "search", "ewc-vs-replay"]
               if args.claim == "report" else [args.claim])
     start = time.perf_counter()
     if args.claim in CLAIMS:
