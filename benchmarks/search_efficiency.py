@@ -255,7 +255,7 @@ def results_meta(
         "noise": landscape_noise(table, means),
         "budgets": sorted(float(b) for b in args.budgets.split(",")),
         "variants": [v for v in args.variants.split(",") if v],
-        "seeds": list(range(1 if args.quick else args.seeds)),
+        "seeds": list(range(args.first_seed, args.first_seed + (1 if args.quick else args.seeds))),
         "concurrency": args.concurrency,
         "metric": args.metric,
         "wall_s": 0.0,
@@ -271,7 +271,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--landscape", type=Path, default=None)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--seeds", type=int, default=SEEDS, help="search seeds 0..N-1 per variant")
+    parser.add_argument("--seeds", type=int, default=SEEDS, help="search seeds per variant")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds S..S+N-1 for every variant: a replication on seeds no earlier run used",
+    )
     parser.add_argument("--budgets", default="0.1,0.25,0.5", help="fractions of the grid")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--concurrency", type=int, default=1, help="trials at once")
@@ -321,7 +327,8 @@ def main() -> None:
     print(
         f"\n## Search efficiency: {meta['configs']}-point grid x training seeds "
         f"{meta['landscape_seeds']}, best seed mean {meta['grid_best']:.4f}, "
-        f"{meta['grid_tokens']:,} trained tokens; search seeds 0..{len(meta['seeds']) - 1} per "
+        f"{meta['grid_tokens']:,} trained tokens; search seeds {meta['seeds'][0]}.."
+        f"{meta['seeds'][-1]} per "
         f"variant; objective {args.metric}; {len(runs)} searches, {trials} Ray Tune trials in "
         f"{meta['wall_s']:.0f} s"
     )
