@@ -260,6 +260,25 @@ def _alive(pids: set[int]) -> set[int]:
     return {pid for pid in pids if pid in procs and procs[pid][2] != "Z"}
 
 
+def _freeze_workers(proc: subprocess.Popen[bytes], quiet_s: float = 2.0) -> None:
+    """SIGSTOP every trial worker of the search, then give the driver ``quiet_s`` to handle
+    what they reported before. Ray deletes a trial's superseded checkpoint when it registers
+    the new one and writes the experiment snapshot naming the new one a controller step later;
+    a SIGKILL between the two leaves a snapshot naming a deleted checkpoint, and that trial
+    cannot be restored. The kill is meant to hit a driver whose snapshot is current."""
+    for pid in _tree(proc.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"ImplicitFunc" in cmdline or b"continual_trainable" in cmdline:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+    time.sleep(quiet_s)
+
+
 def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL the driver's process group and every process it started, and wait for them."""
     pids = _tree(proc.pid)
@@ -357,6 +376,7 @@ def test_sigkilled_search_resumes_without_rerunning_or_duplicating(
     try:
         client = MlflowClient(f"sqlite:///{db}")
         frozen = _wait_for_kill_point(client, proc, log)
+        _freeze_workers(proc)
     finally:
         _kill_tree(proc)
     at_kill = {r.data.tags[TRIAL_TAG]: r for r in _children(client)}
