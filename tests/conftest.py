@@ -14,12 +14,14 @@ stopping one each; Ray runs only through the test modules that ask for it.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -36,6 +38,16 @@ SHARED_DATA = Path(
     os.environ.get("ADAPTUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
 )
 GPT2_TOKENIZER_DIR = SHARED_DATA / "tokenizers" / "gpt2"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # -- one local Ray for the in-process searches ---------------------------------------------------

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def overhead() -> ModuleType:
-    return _load("overhead")
+    return load_benchmark("overhead")
 
 
 def test_plain_trials_are_timed_to_their_last_report_as_tunes_time_total_s(
@@ -58,7 +47,7 @@ def test_wall_ratio_statistic_is_the_median_of_the_rounds_with_its_range(overhea
 
 
 def test_speed_saves_the_fisher_and_evaluation_shares_it_prints(tmp_path, monkeypatch) -> None:
-    speed = _load("speed")
+    speed = load_benchmark("speed")
     runs = iter(
         {
             "loadavg_before": (1.0, 1.0, 1.0),
@@ -86,7 +75,7 @@ def test_speed_saves_the_fisher_and_evaluation_shares_it_prints(tmp_path, monkey
 
 
 def test_forgetting_summary_is_mean_and_sample_std_over_seeds() -> None:
-    forgetting = _load("forgetting")
+    forgetting = load_benchmark("forgetting")
     assert forgetting.SEEDS == (0, 1, 2)
     runs = [dict.fromkeys(forgetting.FIGURES, v) for v in (1.0, 2.0, 3.0)]
     s = forgetting.summary(runs)

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import load_benchmark
 
-STATS = Path(__file__).resolve().parents[1] / "benchmarks" / "search_efficiency_stats.py"
 NAMES = ["lr", "ewc_lambda"]
 
 
 @pytest.fixture(scope="module")
 def se() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_search_efficiency_stats", STATS)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("search_efficiency_stats")
 
 
 def _rec(lr: float, final: float, seed: int | None) -> dict[str, Any]:
