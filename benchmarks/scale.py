@@ -6,7 +6,7 @@
 One search of ``--trials`` trials of a lookup trainable, through the same pieces and in the
 same order as ``adaptune search`` (:func:`adaptune.search.tuner.run_search`): a local Ray
 started by :func:`~adaptune.search.local_ray.start_ray`, :func:`~adaptune.search.searcher.
-build_searcher` (seeded TPE, the study in sqlite beside Ray's results), ASHA as
+experiment_searcher` (seeded TPE, the study in sqlite beside Ray's results), ASHA as
 :func:`~adaptune.search.tuner.build_scheduler` builds it, our
 :class:`~adaptune.search.tracking.MlflowTrackingCallback` (parent run, one child run per trial,
 a sqlite store as the default tracking URI), :func:`~adaptune.search.tuner.build_tuner` (its
@@ -256,7 +256,7 @@ def run(trials: int, concurrency: int, work: Path, profile: Path | None) -> dict
     from adaptune.search.experiment import experiment_yaml, parse_experiment
     from adaptune.search.local_ray import start_ray
     from adaptune.search.locations import optuna_storage_file, search_location
-    from adaptune.search.searcher import build_searcher
+    from adaptune.search.searcher import experiment_searcher
     from adaptune.search.stores import resolve_tracking_uri
     from adaptune.search.summary import log_summary, trial_rows
     from adaptune.search.tracking import MlflowTrackingCallback
@@ -281,15 +281,7 @@ def run(trials: int, concurrency: int, work: Path, profile: Path | None) -> dict
     post: dict[str, float] = {}
     started = start_ray(None, resolve_tracking_uri(exp.tracking.tracking_uri, create=False))
     try:
-        searcher = build_searcher(
-            study_name=exp.name,
-            storage_file=optuna_storage_file(exp),
-            metric=exp.search.metric,
-            mode=exp.search.mode,
-            max_t=len(tasks),
-            algorithm=exp.search.algorithm,
-            seed=exp.search.seed,
-        )
+        searcher = experiment_searcher(exp, len(tasks))
         callback = MlflowTrackingCallback(exp, experiment_yaml=experiment_yaml(exp))
         callback.start_parent()
         tuner = build_tuner(

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from adaptune.search.experiment import Experiment
+from adaptune.search.locations import optuna_storage_file
 from adaptune.search.tags import LOST_RAY_TRIAL_ATTR
 from adaptune.search.warm import WarmStart, give_warm_start
 from adaptune.spaces.paths import from_tune_key, tune_key
@@ -255,5 +257,22 @@ def build_searcher(
         sampler=sampler,
         study_name=study_name,
         storage=storage,
+        warm_start=warm_start,
+    )
+
+
+def experiment_searcher(
+    exp: Experiment, max_t: int, warm_start: WarmStart | None = None
+) -> ContinualOptunaSearch:
+    """:func:`build_searcher` with the experiment's study name, storage and ``search`` settings
+    (what ``adaptune search`` drives)."""
+    return build_searcher(
+        study_name=exp.name,
+        storage_file=optuna_storage_file(exp),
+        metric=exp.search.metric,
+        mode=exp.search.mode,
+        max_t=max_t,
+        algorithm=exp.search.algorithm,
+        seed=exp.search.seed,
         warm_start=warm_start,
     )

@@ -30,7 +30,6 @@ from adaptune.search.experiment import Experiment, experiment_yaml
 from adaptune.search.local_ray import start_ray
 from adaptune.search.locations import (
     local_results_dir,
-    optuna_storage_file,
     optuna_storage_url,
     search_location,
 )
@@ -46,7 +45,7 @@ from adaptune.search.pbt import (
 from adaptune.search.preload import NEEDED_AFTER_TRIALS, preload_thread
 from adaptune.search.records import experiment_hash
 from adaptune.search.resume import inspect_search_dir, write_search_info
-from adaptune.search.searcher import ContinualOptunaSearch, build_searcher
+from adaptune.search.searcher import ContinualOptunaSearch, experiment_searcher
 from adaptune.search.select import champion_row, objective_text
 from adaptune.search.stores import resolve_tracking_uri
 from adaptune.search.summary import SearchSummary, log_summary, trial_rows
@@ -330,16 +329,7 @@ def _search(
         )
         tuner = restore_tuner(exp, trainable=trainable)
     else:
-        searcher = None if is_population(exp) else build_searcher(
-            study_name=exp.name,
-            storage_file=optuna_storage_file(exp),
-            metric=exp.search.metric,
-            mode=exp.search.mode,
-            max_t=len(names),
-            algorithm=exp.search.algorithm,
-            seed=exp.search.seed,
-            warm_start=warm,
-        )
+        searcher = None if is_population(exp) else experiment_searcher(exp, len(names), warm)
         say(
             f"adaptune search {exp.name}: {exp.search.num_samples} trials over "
             f"{', '.join(callback.param_names)}; {len(names)} tasks ({', '.join(names)}); "
