@@ -58,6 +58,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_efficiency_stats import (  # noqa: E402
+    all_variants,
     key_of,
     landscape_noise,
     landscape_samples,
@@ -115,12 +116,12 @@ def lookup_trainable(config: dict[str, Any], table: dict[str, Any], paths: dict[
     tasks = table[point][config[SAMPLE_KEY]]
     for rec in tasks:
         done = {"done": True} if rec["task_index"] == len(tasks) else {}
-        tune.report(dict(rec) | {"point": point} | done)
+        tune.report(dict(rec) | {"point": point, SAMPLE_KEY: config[SAMPLE_KEY]} | done)
 
 
 # Filled on the driver by the recorder, read after fit():
-# (trial_id, task_index, observed objective, cumulative tokens, grid point).
-_EVENTS: list[tuple[str, int, float, int, str]] = []
+# (trial_id, task_index, observed objective, cumulative tokens, grid point, drawn seed).
+_EVENTS: list[tuple[str, int, float, int, str, int]] = []
 
 
 def _callbacks_and_stopper(budget_tokens: float, metric: str) -> tuple[Any, Any]:
@@ -136,6 +137,7 @@ def _callbacks_and_stopper(budget_tokens: float, metric: str) -> tuple[Any, Any]
                     float(result[metric]),
                     int(result["train_tokens"]),
                     str(result["point"]),
+                    int(result[SAMPLE_KEY]),
                 )
             )
 
@@ -236,9 +238,21 @@ def run_search(
 def results_meta(
     landscape: dict[str, Any], landscape_path: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Everything the report needs besides the trajectories, incl. the seed means."""
-    table, sample_seeds, means = landscape_samples(landscape)
+    """Everything the report needs besides the trajectories, incl. the seed means.
+
+    Trials draw from ``--draw-seeds``; a configuration's true value (``point_means``, what
+    regret is measured on) is its mean over ``--reference-seeds`` (default: the drawn ones).
+    """
+    table, sample_seeds, _ = landscape_samples(landscape, _seeds(args.draw_seeds))
+    ref_table, ref_seeds, means = landscape_samples(
+        landscape, _seeds(args.reference_seeds or args.draw_seeds)
+    )
     finals = {k: [v[s][-1]["stream_loss"] for s in sample_seeds] for k, v in table.items()}
+    confirm = [[int(x) for x in c.split("x")] for c in args.confirm.split(",") if c]
+    if any(not 1 <= s < len(sample_seeds) for _, s in confirm):
+        raise SystemExit(
+            f"--confirm: seeds must be 1..{len(sample_seeds) - 1}, the other drawn seeds"
+        )
     return {
         "landscape": str(landscape_path.relative_to(ROOT))
         if landscape_path.is_relative_to(ROOT)
@@ -247,12 +261,16 @@ def results_meta(
         "knobs": list(landscape["meta"]["paths"]),
         "tasks": len(landscape["meta"]["tasks"]),
         "landscape_seeds": sample_seeds,
+        "reference_seeds": ref_seeds,
+        "run_tokens_max": max(v[s][-1]["train_tokens"] for v in table.values() for s in v),
+        "confirm": confirm,
+        "target": args.target,
         "grid_tokens": landscape["meta"]["total_tokens"],
         "grid_best": min(means.values()),
         "grid_worst_regret": max(means.values()) - min(means.values()),
         "point_means": means,
         "point_finals": finals,
-        "noise": landscape_noise(table, means),
+        "noise": landscape_noise(ref_table, means),
         "budgets": sorted(float(b) for b in args.budgets.split(",")),
         "variants": [v for v in args.variants.split(",") if v],
         "seeds": list(range(args.first_seed, args.first_seed + (1 if args.quick else args.seeds))),
@@ -262,8 +280,14 @@ def results_meta(
     }
 
 
+def _seeds(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def _same_settings(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    keys = ("landscape_seeds", "grid_tokens", "point_means", "budgets", "concurrency", "metric")
+    # what the searches saw; the reference seeds, confirm and target are read off the same
+    # searches afterwards, so a resume may change them
+    keys = ("landscape_seeds", "grid_tokens", "point_finals", "budgets", "concurrency", "metric")
     return all(old.get(k) == new[k] for k in keys)
 
 
@@ -279,6 +303,25 @@ def main() -> None:
         help="seeds S..S+N-1 for every variant: a replication on seeds no earlier run used",
     )
     parser.add_argument("--budgets", default="0.1,0.25,0.5", help="fractions of the grid")
+    parser.add_argument(
+        "--draw-seeds", default="0,1,2", help="the training seeds a trial draws from"
+    )
+    parser.add_argument(
+        "--reference-seeds",
+        default="",
+        help="the training seeds a configuration's true value is the mean over (held out: "
+        "none of --draw-seeds); default: the drawn ones",
+    )
+    parser.add_argument(
+        "--confirm",
+        default="",
+        help="KxS[,KxS]: also read every variant followed by search.confirm {top_k: K, seeds: S}",
+    )
+    parser.add_argument(
+        "--target",
+        default="default",
+        help="the variant the goal is judged on, e.g. default+confirm3x2",
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--concurrency", type=int, default=1, help="trials at once")
     parser.add_argument(
@@ -310,6 +353,8 @@ def main() -> None:
     landscape = json.loads(landscape_path.read_text())
     meta = results_meta(landscape, landscape_path, args)
     unknown = set(meta["variants"]) - set(VARIANTS)
+    if meta["target"] not in all_variants(meta):
+        parser.error(f"--target {meta['target']}: not among {', '.join(all_variants(meta))}")
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; valid values: {', '.join(VARIANTS)}")
     writes = not (args.quick and args.out is None and args.plot is None)
@@ -350,7 +395,7 @@ def _search_all(
     import ray
 
     meta = results["meta"]
-    table, sample_seeds, _ = landscape_samples(landscape)
+    table, sample_seeds, _ = landscape_samples(landscape, meta["landscape_seeds"])
     done = {(r["variant"], r["seed"]) for r in results["runs"]}
     todo = [(s, v) for s in meta["seeds"] for v in meta["variants"] if (v, s) not in done]
     if not todo:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -42,20 +43,25 @@ def key_of(params: dict[str, Any], names: list[str]) -> str:
 
 
 def landscape_samples(
-    landscape: dict[str, Any],
+    landscape: dict[str, Any], only: list[int] | None = None
 ) -> tuple[dict[str, dict[int, list[dict[str, Any]]]], list[int], dict[str, float]]:
-    """Per point, each seed's per-task reports; the seeds every point has; the seed means.
+    """Per point, each seed's per-task reports; the seeds used; the seed means.
 
-    Only seeds that every grid point has are used (a landscape still being extended counts
-    only its complete seeds). A record without a ``seed`` is seed 0.
+    ``only``: these training seeds (each must be complete); default: every seed that every grid
+    point has (a landscape still being extended counts only its complete seeds). A record
+    without a ``seed`` is seed 0.
     """
     names = list(landscape["meta"]["paths"])
     table: dict[str, dict[int, list[dict[str, Any]]]] = {}
     for rec in landscape["configs"]:
         table.setdefault(key_of(rec["params"], names), {})[int(rec.get("seed", 0))] = rec["tasks"]
-    seeds = sorted(set.intersection(*(set(v) for v in table.values())))
-    if not seeds:
-        raise ValueError("no seed is complete for every grid point of the landscape")
+    complete = sorted(set.intersection(*(set(v) for v in table.values())))
+    seeds = complete if only is None else sorted(only)
+    if not seeds or not set(seeds) <= set(complete):
+        raise ValueError(
+            f"training seeds {seeds} are not all complete for every grid point of the "
+            f"landscape; complete: {complete}"
+        )
     table = {k: {s: v[s] for s in seeds} for k, v in table.items()}
     means = {k: statistics.fmean(v[s][-1]["stream_loss"] for s in seeds) for k, v in table.items()}
     return table, seeds, means
@@ -123,16 +129,91 @@ def common_seeds(results: dict[str, Any]) -> list[int]:
     return sorted(set.intersection(*per)) if per else []
 
 
+def all_variants(meta: dict[str, Any]) -> list[str]:
+    """The searched variants, then each read with every confirmation setting of ``--confirm``."""
+    derived = [f"{v}+confirm{k}x{s}" for k, s in meta.get("confirm", []) for v in meta["variants"]]
+    return [*meta["variants"], *derived]
+
+
+def split_variant(variant: str) -> tuple[str, tuple[int, int] | None]:
+    """``default+confirm3x2`` -> (``default``, (3, 2)); a searched variant -> (it, None)."""
+    m = re.fullmatch(r"(.+)\+confirm(\d+)x(\d+)", variant)
+    return (m[1], (int(m[2]), int(m[3]))) if m else (variant, None)
+
+
+def label(variant: str) -> str:
+    base, confirm = split_variant(variant)
+    if confirm is None:
+        return LABELS[base]
+    return f"{LABELS[base]} + confirm (top {confirm[0]}, {confirm[1]} more seeds)"
+
+
+def target_variant(meta: dict[str, Any]) -> str:
+    """The variant the headline goal is judged on (fixed in the results' settings)."""
+    return str(meta.get("target", "default"))
+
+
+def base_runs(results: dict[str, Any], variant: str) -> list[dict[str, Any]]:
+    """The searches a (searched or confirmation) variant is read from, common seeds, in order."""
+    base, _ = split_variant(variant)
+    seeds = set(common_seeds(results))
+    runs = [r for r in results["runs"] if r["variant"] == base and r["seed"] in seeds]
+    return sorted(runs, key=lambda r: r["seed"])
+
+
+def confirm_cut(meta: dict[str, Any], budget_tokens: float, confirm: tuple[int, int]) -> float:
+    """Where a search followed by confirmation stops: the budget less the confirmation's
+    reserve (top_k x seeds x the grid's longest full run), so confirming never overruns."""
+    return budget_tokens - confirm[0] * confirm[1] * meta["run_tokens_max"]
+
+
+def confirmed_found_at(
+    events: list[list[Any]], meta: dict[str, Any], budget_tokens: float, confirm: tuple[int, int]
+) -> float | None:
+    """The true value of the configuration a search + ``search.confirm`` crowns.
+
+    The search runs to :func:`confirm_cut`; its best ``top_k`` finished trials by observed
+    final loss (ties: the first) are each re-run on ``seeds`` more training seeds, the ones
+    after the trial's own in the drawn seeds' order (as ``search.confirm`` uses the trial's
+    seed + 1 ..); the crowned one has the best mean over its runs (ties: the better-observed).
+    Events must carry the drawn seed (``[trial, task, loss, tokens, point, seed]``).
+    """
+    top_k, seeds = confirm
+    draw, finals, T = meta["landscape_seeds"], meta["point_finals"], meta["tasks"]
+    cut = confirm_cut(meta, budget_tokens, confirm)
+    last: dict[str, int] = {}
+    spent, done = 0, []
+    for i, (trial_id, task, loss, tokens, point, seed) in enumerate(events):
+        spent += tokens - last.get(trial_id, 0)
+        if spent > cut:
+            break
+        last[trial_id] = tokens
+        if task == T:
+            done.append((loss, i, point, seed))
+    if not done:
+        return None
+
+    def mean(trial: tuple[float, int, str, int]) -> float:
+        loss, _, point, seed = trial
+        j = draw.index(seed)
+        more = [finals[point][(j + n) % len(draw)] for n in range(1, seeds + 1)]
+        return statistics.fmean([loss, *more])
+
+    winner = min(sorted(done)[:top_k], key=mean)
+    return meta["point_means"][winner[2]]
+
+
 def regrets_at(results: dict[str, Any], variant: str, frac: float) -> list[float]:
     """Each common seed's regret at ``frac`` of the grid's compute (inf: nothing finished)."""
     meta = results["meta"]
-    seeds = set(common_seeds(results))
-    runs = [r for r in results["runs"] if r["variant"] == variant and r["seed"] in seeds]
-    runs.sort(key=lambda r: r["seed"])
+    budget = frac * meta["grid_tokens"]
+    _, confirm = split_variant(variant)
     means = meta.get("point_means")
     found = [
-        found_at(anytime(r["events"], meta["tasks"], means), frac * meta["grid_tokens"])
-        for r in runs
+        found_at(anytime(r["events"], meta["tasks"], means), budget)
+        if confirm is None
+        else confirmed_found_at(r["events"], meta, budget, confirm)
+        for r in base_runs(results, variant)
     ]
     return [math.inf if f is None else f - meta["grid_best"] for f in found]
 
@@ -200,14 +281,13 @@ def _budget_table(results: dict[str, Any], frac: float) -> list[str]:
 
     meta = results["meta"]
     total = meta["grid_tokens"]
-    seeds = set(common_seeds(results))
     lines = [
         f"\n### {frac:.0%} of the grid's compute ({frac * total:,.0f} trained tokens)\n",
         "| variant | median regret (nats) [95% CI] | mean ± std | min - max | "
         f"within {TARGET_NATS} nats [95% CI] | trials (median) |",
         "|---|---|---|---|---|---|",
     ]
-    for variant in meta["variants"]:
+    for variant in all_variants(meta):
         reg = regrets_at(results, variant, frac)
         lo, hi = bootstrap_ci([min(r, 1e9) for r in reg], np.median)
         capped = _capped(reg, meta.get("grid_worst_regret", math.inf))
@@ -215,10 +295,12 @@ def _budget_table(results: dict[str, Any], frac: float) -> list[str]:
         std = statistics.stdev(capped) if len(capped) > 1 and math.isfinite(mean) else 0.0
         hits = sum(r <= TARGET_NATS for r in reg)
         slo, shi = share_ci(hits, len(reg))
-        runs = [r for r in results["runs"] if r["variant"] == variant and r["seed"] in seeds]
-        trials = statistics.median(trials_at(r["events"], frac * total) for r in runs)
+        _, confirm = split_variant(variant)
+        spend = frac * total if confirm is None else confirm_cut(meta, frac * total, confirm)
+        runs = base_runs(results, variant)
+        trials = statistics.median(trials_at(r["events"], spend) for r in runs)
         lines.append(
-            f"| {LABELS[variant]} | {_nats(statistics.median(reg))} [{_nats(lo)}, {_nats(hi)}] "
+            f"| {label(variant)} | {_nats(statistics.median(reg))} [{_nats(lo)}, {_nats(hi)}] "
             f"| {_nats(mean)} ± {std:.4f} | {_nats(min(reg))} - {_nats(max(reg))} | "
             f"{hits}/{len(reg)} [{slo:.0%}, {shi:.0%}] | {trials:g} |"
         )
@@ -229,25 +311,40 @@ def _lowest(results: dict[str, Any], frac: float, stat: Callable[[list[float]], 
     """Every variant at the lowest value of ``stat`` (ties listed, in the variants' order)."""
     meta = results["meta"]
     worst = meta.get("grid_worst_regret", math.inf)
-    vals = {v: stat(_capped(regrets_at(results, v, frac), worst)) for v in meta["variants"]}
+    vals = {v: stat(_capped(regrets_at(results, v, frac), worst)) for v in all_variants(meta)}
     low = min(vals.values())
-    tied = [LABELS[v] for v, x in vals.items() if x == low]
+    tied = [label(v) for v, x in vals.items() if x == low]
     return ("tie: " if len(tied) > 1 else "") + "; ".join(tied) + f" ({_nats(low)})"
 
 
+def _compared(meta: dict[str, Any]) -> list[str]:
+    """What the target variant is compared with: random search with and without ASHA read the
+    same way (with the target's confirmation, if any), and the target without confirmation."""
+    target = target_variant(meta)
+    base, confirm = split_variant(target)
+    suffix = "" if confirm is None else f"+confirm{confirm[0]}x{confirm[1]}"
+    others = [f"{rnd}{suffix}" for rnd in ("random", "random+asha")]
+    if confirm is not None:
+        others.append(base)
+    variants = all_variants(meta)
+    return [v for v in others if v in variants and v != target]
+
+
 def _comparisons(results: dict[str, Any]) -> list[str]:
-    """Default against random search: the mean-regret difference and its bootstrap CI."""
+    """The target against each :func:`_compared` variant: the mean-regret difference, its
+    bootstrap CI."""
     import numpy as np
 
     meta = results["meta"]
     worst = meta.get("grid_worst_regret", math.inf)
+    target = target_variant(meta)
     lines = []
-    for rnd in ("random", "random+asha"):
-        if "default" not in meta["variants"] or rnd not in meta["variants"]:
-            continue
+    if target not in all_variants(meta):
+        return lines
+    for other in _compared(meta):
         for frac in meta["budgets"]:
-            d = _capped(regrets_at(results, "default", frac), worst)
-            r = _capped(regrets_at(results, rnd, frac), worst)
+            d = _capped(regrets_at(results, target, frac), worst)
+            r = _capped(regrets_at(results, other, frac), worst)
             if not all(math.isfinite(x) for x in d + r):
                 continue
             diffs = np.random.default_rng(0).integers(0, len(d), size=(BOOTSTRAP, 2, len(d)))
@@ -256,7 +353,7 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
             diff = statistics.fmean(d) - statistics.fmean(r)
             verdict = "lower" if hi < 0 else "higher" if lo > 0 else "no difference shown"
             lines.append(
-                f"| default - {LABELS[rnd]}, mean regret at {frac:.0%} | {diff:+.4f} "
+                f"| {target} - {label(other)}, mean regret at {frac:.0%} | {diff:+.4f} "
                 f"[{lo:+.4f}, {hi:+.4f}] | {verdict} |"
             )
     return lines
@@ -265,42 +362,48 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
 def report(results: dict[str, Any]) -> str:
     """Markdown: one table per budget, the targets and comparisons, the Mann-Whitney tests."""
     meta = results["meta"]
+    target = target_variant(meta)
+    judged = target in all_variants(meta)
     lines = []
+    if meta.get("reference_seeds") and meta["reference_seeds"] != meta["landscape_seeds"]:
+        lines.append(
+            f"Trials draw training seeds {meta['landscape_seeds']}; regret is judged on the "
+            f"mean over held-out seeds {meta['reference_seeds']}, which no search reads."
+        )
     for frac in meta["budgets"]:
         lines += _budget_table(results, frac)
     lines += ["", "| target / comparison (statistic fixed in advance) | value | verdict |"]
     lines.append("|---|---|---|")
-    if "default" in meta["variants"]:
-        for frac in meta["budgets"]:
-            value, met = target_verdict(regrets_at(results, "default", frac))
-            goal = " (the goal)" if frac == TARGET_BUDGET else ""
-            lines.append(
-                f"| default within {TARGET_NATS} nats at {frac:.0%}{goal}: share of searches "
-                f"[95% CI], met if its lower bound >= {TARGET_SHARE:.0%} | {value} | {met} |"
-            )
+    for frac in meta["budgets"] if judged else []:
+        value, met = target_verdict(regrets_at(results, target, frac))
+        goal = " (the goal)" if frac == TARGET_BUDGET else ""
+        lines.append(
+            f"| {target} within {TARGET_NATS} nats at {frac:.0%}{goal}: share of searches "
+            f"[95% CI], met if its lower bound >= {TARGET_SHARE:.0%} | {value} | {met} |"
+        )
     lines += _comparisons(results)
     for frac in meta["budgets"]:
         for name, stat in (("median", statistics.median), ("mean", statistics.fmean)):
             low = _lowest(results, frac, stat)
             lines.append(f"| lowest {name} regret at {frac:.0%} | {low} | |")
-    if "default" in meta["variants"]:
+    if judged:
         lines += [
             "",
-            "Is the default's regret distribution different from each other variant's? "
+            f"Is the regret distribution of {target} different from each other variant's? "
             "Two-sided Mann-Whitney U test over seeds (p < 0.05: a real difference; "
             "larger: indistinguishable at this number of seeds).",
             "",
-            "| default against | " + " | ".join(f"p at {f:.0%}" for f in meta["budgets"]) + " |",
+            f"| {target} against | " + " | ".join(f"p at {f:.0%}" for f in meta["budgets"]) + " |",
             "|---|" + "---|" * len(meta["budgets"]),
         ]
-        for variant in meta["variants"]:
-            if variant == "default":
+        for variant in all_variants(meta):
+            if variant == target:
                 continue
             ps = [
-                mann_whitney_p(regrets_at(results, "default", f), regrets_at(results, variant, f))
+                mann_whitney_p(regrets_at(results, target, f), regrets_at(results, variant, f))
                 for f in meta["budgets"]
             ]
-            lines.append(f"| {LABELS[variant]} | " + " | ".join(f"{p:.3f}" for p in ps) + " |")
+            lines.append(f"| {label(variant)} | " + " | ".join(f"{p:.3f}" for p in ps) + " |")
     lines += noise_report(meta)
     return "\n".join(lines)
 
@@ -334,7 +437,8 @@ def noise_report(meta: dict[str, Any]) -> list[str]:
     seeds = list(noise["top"][0]["per_seed"])
     lines = [
         "",
-        f"The grid's best points by seed mean ({meta['landscape_seeds']} training seeds):",
+        "The grid's best points by seed mean "
+        f"({meta.get('reference_seeds') or meta['landscape_seeds']} training seeds):",
         "",
         f"| rank | {' | '.join(names)} | seed mean | std | gap to best | "
         + " | ".join(f"seed {s}" for s in seeds)
@@ -406,10 +510,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     top = max(meta["budgets"])
     xs = [top * i / 250 for i in range(1, 251)]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
-    for variant in meta["variants"]:
+    for variant in all_variants(meta):
         pts = [(100 * x, regrets_at(results, variant, x)) for x in xs]
         done = [(x, r) for x, r in pts if all(math.isfinite(v) for v in r)]
-        kw = {"lw": 2.4 if variant == "default" else 1.3, "label": LABELS[variant]}
+        kw = {"lw": 2.4 if variant == target_variant(meta) else 1.3, "label": label(variant)}
         (line,) = ax.plot([x for x, _ in done], [np.median(r) for _, r in done], **kw)
         q1 = [np.percentile(r, 25) for _, r in done]
         q3 = [np.percentile(r, 75) for _, r in done]

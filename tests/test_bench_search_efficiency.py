@@ -94,3 +94,53 @@ def test_target_is_judged_on_the_share_of_searches_and_its_binomial_interval(se,
     value, verdict = se.target_verdict(regrets)
     assert verdict == met
     assert value.startswith(f"{hits}/30")
+
+
+def test_held_out_reference_seeds_must_be_complete_and_are_kept_apart(se) -> None:
+    recs = [_rec(0.1, 3.0 + s / 10, s) for s in range(4)] + [_rec(0.2, 3.5, s) for s in range(3)]
+    _, seeds, means = se.landscape_samples(_landscape(recs), [0, 1])
+    assert seeds == [0, 1]
+    assert means[se.key_of({"lr": 0.1, "ewc_lambda": 0}, NAMES)] == pytest.approx(3.05)
+    with pytest.raises(ValueError, match="complete"):
+        se.landscape_samples(_landscape(recs), [3])  # point 0.2 has no seed 3
+
+
+def _confirm_meta() -> dict[str, Any]:
+    # Point A: drawn seeds 0, 1, 2 gave 3.00 (lucky), 3.40, 3.40; point B: 3.10 on every seed.
+    # The held-out truth: B (3.10) is the best, A is 3.30.
+    return {
+        "tasks": 2,
+        "grid_tokens": 200,
+        "grid_best": 3.10,
+        "point_means": {"A": 3.30, "B": 3.10},
+        "landscape_seeds": [0, 1, 2],
+        "point_finals": {"A": [3.00, 3.40, 3.40], "B": [3.10, 3.10, 3.10]},
+        "run_tokens_max": 20,
+        "variants": ["default"],
+        "confirm": [[2, 2], [1, 2]],
+    }
+
+
+def test_confirmation_reruns_the_top_k_on_the_other_seeds_and_crowns_the_best_mean(se) -> None:
+    events = [["x", 2, 3.00, 20, "A", 0], ["y", 2, 3.10, 20, "B", 2]]
+    meta = _confirm_meta()
+    # Without confirmation the lucky A wins; top 2 re-run on 2 more seeds: A's mean 3.27 loses
+    # to B's 3.10. Each search stops at budget - top_k x seeds x 20 tokens: 40 + 80 = 120.
+    assert se.confirmed_found_at(events, meta, 120, (2, 2)) == 3.10
+    assert se.confirmed_found_at(events, meta, 119, (2, 2)) == 3.30  # only x fits: top 1 of 1
+    assert se.confirmed_found_at(events, meta, 99, (2, 2)) is None
+    assert se.confirmed_found_at(events, meta, 200, (1, 2)) == 3.30  # top 1: only x re-run
+    results = {"meta": meta, "runs": [{"variant": "default", "seed": 0, "events": events}]}
+    assert se.all_variants(meta) == ["default", "default+confirm2x2", "default+confirm1x2"]
+    assert se.regrets_at(results, "default", 1.0) == [pytest.approx(0.20)]
+    assert se.regrets_at(results, "default+confirm2x2", 1.0) == [pytest.approx(0.0)]
+    assert "confirm (top 2, 2 more seeds)" in se.label("default+confirm2x2")
+
+
+def test_confirmation_seeds_follow_the_trials_own_seed_in_the_drawn_order(se) -> None:
+    # x drew seed 2: its one confirmation run is seed 0 (2 + 1, wrapping), not seed 1.
+    meta = _confirm_meta() | {"point_finals": {"A": [3.50, 3.00, 3.00], "B": [3.1] * 3}}
+    events = [["x", 2, 3.00, 20, "A", 2], ["y", 2, 3.10, 20, "B", 0]]
+    assert se.confirmed_found_at(events, meta, 200, (2, 1)) == 3.10  # A: (3.00 + 3.50) / 2
+    meta["point_finals"]["A"] = [3.00, 3.50, 3.00]
+    assert se.confirmed_found_at(events, meta, 200, (2, 1)) == 3.30  # A: (3.00 + 3.00) / 2
